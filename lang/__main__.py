@@ -1,0 +1,3 @@
+from plait.runtime.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Attention in plain torch; works on CPU and CUDA and is the oracle other
+backends are tested against.
+
+A batch is split in two groups, so mixing decode and prefill wastes nothing:
+  - decode rows (one new token each) attend in one batched call over their
+    histories gathered by slot index and padded to the longest;
+  - each extend sequence (a prompt or a chunk of one) attends on its own,
+    causally over its prefix and itself.
+The scheduler puts decode rows first, which makes their gather a slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from plait.runtime.attention.base import AttentionBackend, register_backend
+from plait.runtime.batch import ForwardBatch
+
+
+@dataclass
+class _Extend:
+    start: int  # first row of this sequence in the flattened batch
+    length: int  # new tokens
+    kv_index: torch.Tensor  # [seq_len] slots of the whole sequence
+    mask: torch.Tensor | None  # [length, seq_len] bool, None -> plain causal
+
+
+@register_backend("torch")
+class TorchAttentionBackend(AttentionBackend):
+    def prepare(self, batch: ForwardBatch) -> None:
+        dev = batch.input_ids.device
+        table = self.req_to_token.table
+        self.batch = batch
+        starts, dec, self.extends = 0, [], []
+        for b, (pre, ext) in enumerate(zip(batch.prefix_lens, batch.extend_lens)):
+            if ext == 1 and pre > 0:
+                dec.append((b, starts, pre + 1))
+            else:
+                row = table[batch.req_rows[b], : pre + ext]
+                self.extends.append(_Extend(starts, ext, row, self._extend_mask(pre, ext, dev)))
+            starts += ext
+        self.dec_rows = self.dec_kv = self.dec_mask = None
+        self.dec_contiguous = False
+        if dec:
+            rows = torch.tensor([r for _, r, _ in dec], device=dev)
+            seq = torch.tensor([s for _, _, s in dec], device=dev)
+            S = int(seq.max())
+            self.dec_shape = (len(dec), S)
+            self.dec_rows = rows
+            self.dec_contiguous = dec[-1][1] == len(dec) - 1
+            self.dec_kv = table[batch.req_rows[[b for b, _, _ in dec]], :S].reshape(-1)
+            key_pos = torch.arange(S, device=dev)[None, :]
+            mask = key_pos < seq[:, None]
+            if self.sliding_window is not None:
+                mask &= key_pos >= seq[:, None] - self.sliding_window
+            self.dec_mask = None if bool(mask.all()) else mask[:, None, None, :]
+
+    def _extend_mask(self, pre: int, ext: int, dev: torch.device) -> torch.Tensor | None:
+        if pre == 0 and self.sliding_window is None:
+            return None
+        q_pos = torch.arange(pre, pre + ext, device=dev)[:, None]
+        k_pos = torch.arange(pre + ext, device=dev)[None, :]
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= k_pos > q_pos - self.sliding_window
+        return mask
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        self.kv_pool.write(layer, self.batch.out_slots, k, v)
+        k_pool, v_pool = self.kv_pool.k[layer], self.kv_pool.v[layer]
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        gqa = Hkv != H
+        out = q.new_empty(q.shape[0], H * D)
+        if self.dec_rows is not None:
+            B, S = self.dec_shape
+            keys = k_pool.index_select(0, self.dec_kv).view(B, S, Hkv, D).transpose(1, 2)
+            vals = v_pool.index_select(0, self.dec_kv).view(B, S, Hkv, D).transpose(1, 2)
+            qd = q[:B] if self.dec_contiguous else q.index_select(0, self.dec_rows)
+            o = F.scaled_dot_product_attention(
+                qd.view(B, 1, H, D).transpose(1, 2),
+                keys,
+                vals,
+                attn_mask=self.dec_mask,
+                scale=self.scale,
+                enable_gqa=gqa,
+            ).reshape(B, H * D)
+            if self.dec_contiguous:
+                out[:B] = o
+            else:
+                out.index_copy_(0, self.dec_rows, o)
+        for e in self.extends:
+            n = e.kv_index.numel()
+            keys = k_pool.index_select(0, e.kv_index).view(1, n, Hkv, D).transpose(1, 2)
+            vals = v_pool.index_select(0, e.kv_index).view(1, n, Hkv, D).transpose(1, 2)
+            qe = q[e.start : e.start + e.length].view(1, e.length, H, D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                qe,
+                keys,
+                vals,
+                attn_mask=e.mask,
+                is_causal=e.mask is None,
+                scale=self.scale,
+                enable_gqa=gqa,
+            )
+            out[e.start : e.start + e.length] = o.transpose(1, 2).reshape(e.length, H * D)
+        return out

@@ -1,0 +1,124 @@
+"""Configuration objects: the model's shape (read from a HF config) and the
+engine's options. Both are frozen; derived values are properties."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V for one token across all layers, in elements (multiply by dtype size)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> ModelConfig:
+        """Read a transformers config (v4 or v5 field layout)."""
+        arch = (getattr(hf, "architectures", None) or [type(hf).__name__])[0]
+        heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        # transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in rope_theta/rope_scaling.
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        theta = rope.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0
+        scaling = rope or dict(getattr(hf, "rope_scaling", None) or {})
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in _ROPE_TYPES:
+            raise ValueError(
+                f"rope type {rope_type!r} of {arch} is not supported; supported: {_ROPE_TYPES}"
+            )
+        scaling = None if rope_type == "default" else {**scaling, "rope_type": rope_type}
+        sliding = getattr(hf, "sliding_window", None)
+        if getattr(hf, "model_type", "") == "qwen2" and not getattr(
+            hf, "use_sliding_window", False
+        ):
+            sliding = None
+        eos = getattr(hf, "eos_token_id", None)
+        eos_ids = (
+            tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        )
+        return cls(
+            architecture=arch,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama/Mistral only when attention_bias is set.
+            attention_bias=bool(getattr(hf, "attention_bias", False))
+            or getattr(hf, "model_type", "") == "qwen2",
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            sliding_window=sliding,
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of an Engine; every field can be passed to ``plait.Engine(...)``."""
+
+    model: str = "smollm2"
+    device: str | None = None  # None: CUDA when present, else CPU
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    attention_backend: str = "torch"
+    # KV cache size: max_total_tokens wins; else kv_cache_memory_gb.
+    max_total_tokens: int | None = None
+    kv_cache_memory_gb: float = 1.0
+    context_length: int | None = None  # default: the model's max_position_embeddings
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 2048
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+    random_seed: int | None = None
+    cache_dir: str | None = None
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ("torch",):
+            raise ValueError(f"attention_backend={self.attention_backend!r}: supported: ['torch']")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens={self.max_total_tokens!r}: must be >= 1")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb!r}: must be > 0")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests={self.max_running_requests!r}: must be >= 1")
+        if self.chunked_prefill_size < 1:
+            raise ValueError(f"chunked_prefill_size={self.chunked_prefill_size!r}: must be >= 1")
+        if self.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError(
+                f"schedule_policy={self.schedule_policy!r}: supported: ['lpm', 'fcfs']"
+            )

@@ -1,0 +1,483 @@
+"""Engine: the in-process runtime, mirroring SGLang's offline engine.
+
+    engine = plait.Engine(model="smollm2")
+    out = engine.generate("The capital of France is", {"max_new_tokens": 8, "temperature": 0})
+    out["text"], out["output_ids"], out["meta_info"]
+
+One loop thread owns the model and the scheduler; callers (threads, asyncio
+tasks, the HTTP server) hand it requests through a queue and receive result
+dicts through per-request sinks. Requests are validated in the caller's
+thread, so bad input raises there and never reaches the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import fields
+from typing import Any
+
+import torch
+from plait.runtime.config import EngineConfig, ModelConfig
+from plait.runtime.detokenizer import IncrementalDetokenizer
+from plait.runtime.device import resolve_device, resolve_dtype
+from plait.runtime.errors import RequestError
+from plait.runtime.kv_pool import KVPool
+from plait.runtime.loader import load_config, load_state_dict, load_tokenizer, resolve_model
+from plait.runtime.model_runner import ModelRunner
+from plait.runtime.request import Req, Sink
+from plait.runtime.sampling_params import SamplingParams
+from plait.runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+_ENGINE_OPTIONS = {f.name for f in fields(EngineConfig)}
+
+
+class EngineShutdownError(RuntimeError):
+    pass
+
+
+class _QueueSink:
+    """Delivers a request's results to a thread waiting on ``queue``."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+
+    def __call__(self, item: Any) -> None:
+        self.queue.put(item)
+
+
+class Engine:
+    def __init__(self, model: str = "smollm2", **options: Any):
+        unknown = sorted(set(options) - _ENGINE_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"Engine got unknown options {unknown}; known: {sorted(_ENGINE_OPTIONS)}"
+            )
+        self.config = cfg = EngineConfig(model=model, **options)
+        logging.getLogger("plait").setLevel(cfg.log_level.upper())
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+
+        self.source = resolve_model(model, cache_dir=cfg.cache_dir)
+        hf_config = load_config(self.source)
+        self.model_config = mc = ModelConfig.from_hf(hf_config)
+        self.tokenizer = load_tokenizer(self.source)
+        self.eos_token_ids = self._eos_ids(mc)
+        self.context_len = min(
+            cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings
+        )
+        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        self.max_total_tokens = cfg.max_total_tokens or int(
+            cfg.kv_cache_memory_gb * 2**30 // per_token
+        )
+
+        self.runner = ModelRunner(
+            mc,
+            load_state_dict(self.source, self.dtype),
+            device=self.device,
+            dtype=self.dtype,
+            max_total_tokens=self.max_total_tokens,
+            context_len=self.context_len,
+            max_running_requests=cfg.max_running_requests,
+            attention_backend=cfg.attention_backend,
+        )
+        self.scheduler = Scheduler(
+            self.runner,
+            self.tokenizer,
+            eos_token_ids=self.eos_token_ids,
+            chunked_prefill_size=cfg.chunked_prefill_size,
+            max_running_requests=cfg.max_running_requests,
+        )
+        self._rng = random.Random(cfg.random_seed)
+        self._inbox: queue.Queue = queue.Queue()
+        self._closed = False
+        self._loop_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="plait-engine", daemon=True)
+        self._thread.start()
+
+    def _eos_ids(self, mc: ModelConfig) -> tuple[int, ...]:
+        ids = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        try:
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(self.source.model_path)
+            eos = gen.eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            pass  # no generation_config.json
+        return tuple(sorted(ids))
+
+    # ---- public API ------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | SamplingParams | list | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int | None = None,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """Generate for one prompt (a dict) or a list of prompts (a list of dicts,
+        run as one batch). ``n > 1`` gives a list of n results per prompt.
+        ``stream=True`` returns an iterator of incremental result dicts."""
+        reqs, single = self._make_requests(
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            return_text_in_logprobs,
+            stream,
+            rid,
+            sinks=None,
+        )
+        if stream:
+            return self._stream(reqs)
+        self._submit(reqs)
+        results = [self._wait(r) for r in reqs]
+        return results[0] if single else results
+
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | SamplingParams | list | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int | None = None,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict | list[dict] | AsyncIterator[dict]:
+        """The asyncio form of generate; with ``stream=True`` it returns an async
+        iterator of incremental result dicts."""
+        loop = asyncio.get_running_loop()
+        queues: list[asyncio.Queue] = []
+
+        def make_sink() -> Sink:
+            q: asyncio.Queue = asyncio.Queue()
+            queues.append(q)
+            return lambda item: loop.call_soon_threadsafe(q.put_nowait, item)
+
+        reqs, single = self._make_requests(
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            return_text_in_logprobs,
+            stream,
+            rid,
+            sinks=make_sink,
+        )
+        self._submit(reqs)
+        if stream:
+            return self._astream(reqs[0], queues[0])
+        try:
+            results = [await self._await_final(q) for q in queues]
+        except BaseException:  # cancelled: free what the requests hold
+            for r in reqs:
+                self.abort(r.rid)
+            raise
+        return results[0] if single else results
+
+    def abort(self, rid: str) -> None:
+        """Abort a request in any state; everything it holds is freed."""
+        self._inbox.put(("abort", rid))
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """Render messages with the model's own chat template."""
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+        )
+
+    def get_stats(self) -> dict[str, Any]:
+        return self._call(self._stats)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+    # ---- requests --------------------------------------------------------------
+
+    def _make_requests(
+        self,
+        prompt,
+        sampling_params,
+        input_ids,
+        return_logprob,
+        logprob_start_len,
+        top_logprobs_num,
+        return_text_in_logprobs,
+        stream,
+        rid,
+        sinks,
+    ) -> tuple[list[Req], bool]:
+        if self._closed:
+            raise EngineShutdownError("engine is shut down")
+        if (prompt is None) == (input_ids is None):
+            raise RequestError("prompt", prompt, "give exactly one of prompt or input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            prompts = [prompt] if single else list(prompt)
+            for i, p in enumerate(prompts):
+                if not isinstance(p, str):
+                    raise RequestError(f"prompt[{i}]", p, "must be a string")
+            id_lists = [self.tokenizer.encode(p) for p in prompts]
+        else:
+            single = not input_ids or isinstance(input_ids[0], int)
+            id_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
+        if not id_lists:
+            raise RequestError("prompt", prompt if prompt is not None else input_ids, "empty batch")
+        params_list = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(id_lists)
+        )
+        if len(params_list) != len(id_lists):
+            raise RequestError(
+                "sampling_params", sampling_params, f"expected {len(id_lists)} entries"
+            )
+        rids = rid if isinstance(rid, list) else [rid] * len(id_lists)
+        if top_logprobs_num is not None and (
+            not isinstance(top_logprobs_num, int) or top_logprobs_num < 0
+        ):
+            raise RequestError("top_logprobs_num", top_logprobs_num, "must be an integer >= 0")
+        if logprob_start_len is not None and not isinstance(logprob_start_len, int):
+            raise RequestError("logprob_start_len", logprob_start_len, "must be an integer")
+
+        reqs: list[Req] = []
+        for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
+            params = SamplingParams.from_dict(raw).verify(self.model_config.vocab_size)
+            self._check_ids(ids, i if not single else None)
+            params.max_new_tokens = min(params.max_new_tokens, self.context_len - len(ids))
+            if len(ids) + params.max_new_tokens > self.max_total_tokens:
+                raise RequestError(
+                    "max_new_tokens",
+                    params.max_new_tokens,
+                    f"prompt ({len(ids)} tokens) + max_new_tokens needs more KV slots than the pool "
+                    f"holds ({self.max_total_tokens}); raise max_total_tokens or kv_cache_memory_gb",
+                )
+            if stream and (params.n > 1 or len(id_lists) > 1):
+                raise RequestError("stream", stream, "streaming takes one prompt with n=1")
+            base_rid = rids[i] or uuid.uuid4().hex
+            for k in range(params.n):
+                reqs.append(
+                    self._make_req(
+                        f"{base_rid}-{k}" if params.n > 1 else base_rid,
+                        ids,
+                        params,
+                        k,
+                        stream,
+                        return_logprob,
+                        logprob_start_len,
+                        top_logprobs_num or 0,
+                        return_text_in_logprobs,
+                        sinks() if sinks else self._queue_sink(),
+                    )
+                )
+        return reqs, single and len(reqs) == 1
+
+    def _check_ids(self, ids: list[int], index: int | None) -> None:
+        name = "input_ids" if index is None else f"input_ids[{index}]"
+        if not ids:
+            raise RequestError(name, ids, "the prompt has no tokens")
+        vocab = self.model_config.vocab_size
+        bad = [
+            t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+        ]
+        if bad:
+            raise RequestError(name, bad[:5], f"token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.context_len:
+            raise RequestError(
+                name,
+                f"<{len(ids)} tokens>",
+                f"the prompt is longer than the context length ({self.context_len} tokens)",
+            )
+
+    def _make_req(
+        self,
+        rid,
+        ids,
+        params,
+        k,
+        stream,
+        return_logprob,
+        logprob_start_len,
+        top_logprobs_num,
+        return_text_in_logprobs,
+        sink,
+    ) -> Req:
+        generator = None
+        if not params.is_greedy:
+            seed = params.seed + k if params.seed is not None else self._rng.randrange(2**62)
+            generator = torch.Generator(self.device).manual_seed(seed)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+        return Req(
+            rid,
+            ids,
+            params,
+            sink=sink,
+            detokenizer=detok,
+            generator=generator,
+            stream=stream,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs,
+        )
+
+    @staticmethod
+    def _queue_sink() -> _QueueSink:
+        return _QueueSink()
+
+    def _submit(self, reqs: list[Req]) -> None:
+        if self._loop_error is not None:
+            raise EngineShutdownError(f"engine loop died: {self._loop_error!r}")
+        self._inbox.put(("add", reqs))
+
+    @staticmethod
+    def _raise_if_error(item: Any) -> dict:
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _wait(self, req: Req) -> dict:
+        q: queue.Queue = req.sink.queue
+        while True:
+            item = self._raise_if_error(q.get())
+            if item["meta_info"]["finish_reason"] is not None:
+                return item
+
+    def _stream(self, reqs: list[Req]) -> Iterator[dict]:
+        req = reqs[0]
+        self._submit(reqs)
+        q: queue.Queue = req.sink.queue
+        finished = False
+        try:
+            while not finished:
+                item = self._raise_if_error(q.get())
+                finished = item["meta_info"]["finish_reason"] is not None
+                yield item
+        finally:
+            if not finished:  # the consumer stopped early
+                self.abort(req.rid)
+
+    async def _await_final(self, q: asyncio.Queue) -> dict:
+        while True:
+            item = self._raise_if_error(await q.get())
+            if item["meta_info"]["finish_reason"] is not None:
+                return item
+
+    async def _astream(self, req: Req, q: asyncio.Queue) -> AsyncIterator[dict]:
+        finished = False
+        try:
+            while not finished:
+                item = self._raise_if_error(await q.get())
+                finished = item["meta_info"]["finish_reason"] is not None
+                yield item
+        finally:
+            if not finished:
+                self.abort(req.rid)
+
+    # ---- the loop thread -------------------------------------------------------
+
+    def _call(self, fn, *args):
+        """Run fn on the loop thread and return its result."""
+        if self._closed:
+            raise EngineShutdownError("engine is shut down")
+        done: queue.Queue = queue.Queue()
+        self._inbox.put(("call", (fn, args, done)))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _stats(self) -> dict[str, Any]:
+        s = self.scheduler
+        free = s.allocator.num_free
+        return {
+            "num_running_reqs": len(s.running),
+            "num_waiting_reqs": len(s.waiting),
+            "max_total_num_tokens": self.max_total_tokens,
+            "kv_slots_free": free,
+            "kv_slots_used": self.max_total_tokens - free,
+            "num_forward_passes": s.num_forward_passes,
+        }
+
+    def _handle(self, kind: str, payload: Any) -> bool:
+        if kind == "add":
+            for req in payload:
+                self.scheduler.add(req)
+        elif kind == "abort":
+            self.scheduler.abort(payload)
+        elif kind == "call":
+            fn, args, done = payload
+            try:
+                done.put((True, fn(*args)))
+            except Exception as e:  # reported to the caller
+                done.put((False, e))
+        elif kind == "stop":
+            self.scheduler.abort_all("engine shut down")
+            return False
+        return True
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        running = True
+        while running:
+            block = not self.scheduler.has_work()
+            try:
+                kind, payload = self._inbox.get(block=block)
+                running = self._handle(kind, payload)
+                while running:
+                    kind, payload = self._inbox.get_nowait()
+                    running = self._handle(kind, payload)
+            except queue.Empty:
+                pass
+            if not running:
+                break
+            try:
+                self.scheduler.step()
+            except Exception as e:
+                logger.exception("engine step failed; aborting the requests in flight")
+                self._fail_all(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        s = self.scheduler
+        for req in list(s.waiting) + list(s.running):
+            s.abort(req.rid, f"engine error: {error!r}")

@@ -1,0 +1,105 @@
+"""Memory for attention: the KV pool (token slots) and the request-to-token map.
+
+    KVPool.k[layer], KVPool.v[layer]: [num_slots + 1, num_kv_heads, head_dim]
+        Slot 0 is a scratch slot that is never handed out: padded positions
+        of a batch point at it, so reading or writing them is harmless.
+    ReqToTokenPool.table: [max_running_requests, context_len] int64
+        Row r lists, in sequence order, the KV slots of the request holding
+        row r. Attention backends gather K/V through it.
+
+A request owns the slots of its row from ``prefix_len`` on; slots before
+that belong to the prefix cache, which lends them to the request while its
+node is locked (see plait.radix).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPoolFullError(RuntimeError):
+    """Raised when slots are requested that the pool does not have."""
+
+
+class SlotAllocator:
+    """Free list of KV slot indices 1..size (0 is the scratch slot)."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.size = size
+        self.device = device
+        self.clear()
+
+    def clear(self) -> None:
+        self._free = torch.arange(1, self.size + 1, dtype=torch.int64, device=self.device)
+
+    @property
+    def num_free(self) -> int:
+        return int(self._free.numel())
+
+    def alloc(self, n: int) -> torch.Tensor:
+        if n > self._free.numel():
+            raise KVPoolFullError(f"need {n} KV slots, only {self._free.numel()} free")
+        out, self._free = self._free[:n], self._free[n:]
+        return out
+
+    def free(self, slots: torch.Tensor) -> None:
+        if slots.numel():
+            self._free = torch.cat([self._free, slots.to(torch.int64)])
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.size, self.dtype, self.device = size, dtype, device
+        shape = (size + 1, num_kv_heads, head_dim)
+        # torch.empty: pages are only touched (and counted in RSS) when written.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for buf in (*self.k, *self.v):
+            buf[0].zero_()
+        self.allocator = SlotAllocator(size, device)
+
+    @staticmethod
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.bytes_per_token(
+            self.num_layers, self.num_kv_heads, self.head_dim, self.dtype
+        )
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer][slots] = k
+        self.v[layer][slots] = v
+
+
+class ReqToTokenPool:
+    """Rows of KV slot indices, one row per running request."""
+
+    def __init__(self, num_rows: int, context_len: int, device: torch.device):
+        self.table = torch.zeros((num_rows, context_len), dtype=torch.int64, device=device)
+        self.context_len = context_len
+        self._free_rows = list(range(num_rows - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int:
+        if not self._free_rows:
+            raise KVPoolFullError("no free request rows (max_running_requests reached)")
+        return self._free_rows.pop()
+
+    def free(self, row: int) -> None:
+        self._free_rows.append(row)

@@ -1,0 +1,67 @@
+"""ModelRunner: the model, its KV pool, the request-to-token table and the
+attention backend, put together for one device. ``forward(batch)`` is one
+model step returning fp32 logits for ``batch.logits_indices``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from plait.runtime.attention import create_backend
+from plait.runtime.batch import ForwardBatch
+from plait.runtime.config import ModelConfig
+from plait.runtime.kv_pool import KVPool, ReqToTokenPool
+from plait.runtime.models.llama import LlamaFamilyModel, RotaryEmbedding
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_total_tokens: int,
+        context_len: int,
+        max_running_requests: int,
+        attention_backend: str = "torch",
+    ):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.context_len = context_len
+        # Build on the meta device (no random init), then allocate and fill from the checkpoint.
+        with torch.device("meta"):
+            model = LlamaFamilyModel(cfg)
+        model = model.to_empty(device=device).to(dtype=dtype)
+        model.tie_weights()
+        model.load_hf_state_dict(state_dict)
+        model.rotary = RotaryEmbedding(cfg, context_len).to(device)  # fp32 tables
+        self.model = model.eval()
+        self.kv_pool = KVPool(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_total_tokens, dtype, device
+        )
+        self.req_to_token = ReqToTokenPool(max_running_requests, context_len, device)
+        self.attn = create_backend(
+            attention_backend,
+            kv_pool=self.kv_pool,
+            req_to_token=self.req_to_token,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            sliding_window=cfg.sliding_window,
+        )
+        logger.info(
+            "model %s on %s/%s; KV pool %d tokens (%.1f MiB)",
+            cfg.architecture,
+            device,
+            dtype,
+            max_total_tokens,
+            self.kv_pool.nbytes / 2**20,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.model(batch, self.attn)
+        return self.model.logits(hidden.index_select(0, batch.logits_indices))

@@ -1,0 +1,218 @@
+"""The Llama family in one page of torch: Llama (SmolLM2), Qwen2, Mistral.
+
+What differs between them is configuration, not code: grouped-query
+attention (num_kv_heads), q/k/v biases (Qwen2), tied or untied embeddings,
+RoPE theta and scaling, and a sliding window (Mistral). Projections that read
+the same input are fused (q|k|v and gate|up) into one matmul each.
+
+The forward runs over a flattened ragged batch (see ForwardBatch) and reads
+and writes K/V only through the attention backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from plait.runtime.attention.base import AttentionBackend
+from plait.runtime.batch import ForwardBatch
+from plait.runtime.config import ModelConfig
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for the config's RoPE type, and the cos/sin scale."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq, 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, computed once in fp32."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        inv_freq, scale = rope_inv_freq(cfg)
+        pos = torch.arange(max_positions, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos.index_select(0, positions).to(dtype)[:, None, :]
+        sin = self.sin.index_select(0, positions).to(dtype)[:, None, :]
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        out = attn.forward(q, k, v.view(T, self.num_kv_heads, self.head_dim), self.layer)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos, sin, attn: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaFamilyModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
+        if cfg.tie_word_embeddings:
+            self.tie_weights()
+        else:
+            self.lm_head_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+
+    def tie_weights(self) -> None:
+        """Point the output projection at the input embedding when the config ties them."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head_weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        """Final hidden states (after the last norm) of every token of the batch: [T, hidden]."""
+        x = self.embed_tokens(batch.input_ids)
+        cos, sin = self.rotary(batch.positions, x.dtype)
+        attn.prepare(batch)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits in fp32 for the given hidden rows."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    @torch.inference_mode()
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Copy weights named as in transformers' Llama/Qwen2/Mistral into this model,
+        fusing q|k|v and gate|up. Fails loudly on a missing or unexpected tensor."""
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in sd:
+                raise KeyError(f"checkpoint has no tensor {name!r}")
+            used.add(name)
+            return sd[name]
+
+        def cat(*names: str) -> torch.Tensor:
+            return torch.cat([take(n) for n in names], dim=0)
+
+        self.embed_tokens.weight.copy_(take("embed_tokens.weight"))
+        self.norm.weight.copy_(take("norm.weight"))
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            a = p + "self_attn."
+            layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
+            layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
+            layer.self_attn.qkv_proj.weight.copy_(
+                cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+            )
+            if self.cfg.attention_bias:
+                layer.self_attn.qkv_proj.bias.copy_(
+                    cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+                )
+            layer.self_attn.o_proj.weight.copy_(take(a + "o_proj.weight"))
+            m = p + "mlp."
+            layer.mlp.gate_up_proj.weight.copy_(cat(m + "gate_proj.weight", m + "up_proj.weight"))
+            layer.mlp.down_proj.weight.copy_(take(m + "down_proj.weight"))
+            if self.cfg.mlp_bias:
+                layer.mlp.gate_up_proj.bias.copy_(cat(m + "gate_proj.bias", m + "up_proj.bias"))
+                layer.mlp.down_proj.bias.copy_(take(m + "down_proj.bias"))
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head_weight.copy_(take("lm_head.weight"))
+        else:
+            used.add("lm_head.weight")
+        unexpected = sorted(k for k in sd if k not in used and "rotary_emb" not in k)
+        if unexpected:
+            raise KeyError(
+                f"checkpoint tensors not used by {self.cfg.architecture}: {unexpected[:5]}"
+            )

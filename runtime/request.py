@@ -1,0 +1,125 @@
+"""A request as the scheduler sees it, and the result dicts it sends back.
+
+Result dicts have SGLang's shape: ``text``, ``output_ids`` and ``meta_info``
+(id, prompt_tokens, completion_tokens, cached_tokens, finish_reason,
+e2e_latency and, when asked, the logprobs as ``[logprob, token_id, text|None]``
+triples).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from plait.runtime.detokenizer import IncrementalDetokenizer
+from plait.runtime.sampling_params import SamplingParams
+
+# A sink receives each result dict (or an exception) for one request.
+Sink = Callable[[Any], None]
+
+
+class Req:
+    def __init__(
+        self,
+        rid: str,
+        input_ids: list[int],
+        params: SamplingParams,
+        *,
+        sink: Sink,
+        detokenizer: IncrementalDetokenizer,
+        generator: torch.Generator | None,
+        stream: bool = False,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int = 0,
+        return_text_in_logprobs: bool = False,
+    ):
+        self.rid = rid
+        self.input_ids = input_ids
+        self.params = params
+        self.sink = sink
+        self.detok = detokenizer
+        self.generator = generator
+        self.stream = stream
+        self.return_logprob = return_logprob
+        self.top_logprobs_num = top_logprobs_num if return_logprob else 0
+        self.return_text_in_logprobs = return_text_in_logprobs
+        # Input logprobs cover prompt positions [logprob_start, len(input_ids)).
+        n = len(input_ids)
+        start = n - 1 if logprob_start_len is None or logprob_start_len < 0 else logprob_start_len
+        self.logprob_start = min(max(start, 0), n) if return_logprob else n
+
+        self.output_ids: list[int] = []
+        self.row: int | None = None  # row of the request-to-token table while running
+        self.prefix_len = 0  # tokens whose KV was lent by the prefix cache
+        self.num_computed = 0  # tokens whose KV is in the pool
+        self.reserved_left = 0  # KV slots promised at admission and not yet allocated
+        self.finish_reason: dict[str, Any] | None = None
+        self.input_logprobs: list[list[Any]] = []
+        self.input_top_logprobs: list[Any] = []
+        self.output_logprobs: list[list[Any]] = []
+        self.output_top_logprobs: list[Any] = []
+        self._sent_ids = 0
+        self._sent_input_logprobs = 0
+        self._sent_output_logprobs = 0
+        self.created = time.perf_counter()
+
+    @property
+    def fill_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    def fill_ids(self, start: int, end: int) -> list[int]:
+        n = len(self.input_ids)
+        if end <= n:
+            return self.input_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.input_ids[start:] + self.output_ids[: end - n]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def kv_needed(self) -> int:
+        """KV slots this request may use beyond its cached prefix."""
+        return len(self.input_ids) + self.params.max_new_tokens - self.prefix_len
+
+    # ---- results -------------------------------------------------------------
+
+    def triple(self, logprob: float | None, token_id: int, decode: Callable[[int], str]) -> list:
+        return [logprob, token_id, decode(token_id) if self.return_text_in_logprobs else None]
+
+    def make_output(self) -> dict[str, Any]:
+        """The next result dict: the whole result when not streaming, else the new piece."""
+        final = self.finished
+        if self.stream:
+            text = self.detok.release(final)
+            ids = self.output_ids[self._sent_ids :]
+            self._sent_ids = len(self.output_ids)
+        else:
+            text, ids = self.detok.text, list(self.output_ids)
+        meta: dict[str, Any] = {
+            "id": self.rid,
+            "prompt_tokens": len(self.input_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": self.prefix_len,
+            "finish_reason": self.finish_reason,
+            "e2e_latency": time.perf_counter() - self.created,
+        }
+        if self.return_logprob:
+            meta.update(self._logprobs_piece())
+        return {"text": text, "output_ids": ids, "meta_info": meta}
+
+    def _logprobs_piece(self) -> dict[str, Any]:
+        i0, o0 = (self._sent_input_logprobs, self._sent_output_logprobs) if self.stream else (0, 0)
+        self._sent_input_logprobs = len(self.input_logprobs)
+        self._sent_output_logprobs = len(self.output_logprobs)
+        return {
+            "input_token_logprobs": self.input_logprobs[i0:],
+            "output_token_logprobs": self.output_logprobs[o0:],
+            "input_top_logprobs": self.input_top_logprobs[i0:],
+            "output_top_logprobs": self.output_top_logprobs[o0:],
+        }

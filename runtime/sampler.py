@@ -1,0 +1,101 @@
+"""Batched sampling with per-request parameters.
+
+Order for each row: logprobs of the raw logits (what ``return_logprob``
+reports) -> penalties -> token masks (min_new_tokens, grammar) -> greedy
+argmax, or temperature -> top-k -> top-p -> min-p -> a draw from the
+request's own generator (so a seeded request is reproducible whatever else
+shares its batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from plait.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know of one request at one step."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    input_ids: Sequence[int]
+    output_ids: Sequence[int]
+    banned_ids: Sequence[int] = ()  # e.g. EOS while under min_new_tokens
+    allowed_mask: torch.Tensor | None = None  # bool [V] from a grammar, None: all
+    top_logprobs_num: int = 0
+
+
+@dataclass
+class SampleResult:
+    next_ids: list[int]
+    logprobs: torch.Tensor | None  # [N, V] log_softmax of the raw logits, when asked
+    # Row i: (values, ids) of the top logprobs when top_logprobs_num > 0, else None.
+    top: list[tuple[list[float], list[int]] | None]
+
+
+def apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
+    """In place on one row: OpenAI frequency/presence penalties over the output so
+    far, and the multiplicative repetition penalty over prompt and output."""
+    p = row.params
+    device = logits.device
+    if (p.frequency_penalty or p.presence_penalty) and row.output_ids:
+        out = torch.tensor(row.output_ids, device=device)
+        counts = torch.bincount(out, minlength=logits.numel()).to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor([*row.input_ids, *row.output_ids], device=device).unique()
+        score = logits[seen]
+        logits[seen] = torch.where(
+            score < 0, score * p.repetition_penalty, score / p.repetition_penalty
+        )
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on one row; returns probabilities."""
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs
+
+
+class Sampler:
+    def __call__(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], need_logprobs: bool
+    ) -> SampleResult:
+        logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
+        top: list[tuple[list[float], list[int]] | None] = [None] * len(rows)
+        for i, row in enumerate(rows):
+            if row.top_logprobs_num > 0 and logprobs is not None:
+                vals, ids = logprobs[i].topk(row.top_logprobs_num)
+                top[i] = (vals.tolist(), ids.tolist())
+        modified = any(
+            r.params.has_penalties or r.banned_ids or r.allowed_mask is not None for r in rows
+        )
+        if modified:
+            logits = logits.clone()
+            for i, row in enumerate(rows):
+                if row.params.has_penalties:
+                    apply_penalties(logits[i], row)
+                if row.banned_ids:
+                    logits[i, list(row.banned_ids)] = float("-inf")
+                if row.allowed_mask is not None:
+                    logits[i].masked_fill_(~row.allowed_mask, float("-inf"))
+        next_ids = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            if not row.params.is_greedy:
+                probs = filter_logits(logits[i], row.params)
+                next_ids[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+        return SampleResult(next_ids, logprobs, top)

@@ -1,0 +1,273 @@
+"""The scheduler: continuous batching over one ModelRunner.
+
+Each step:
+  1. plan: every running request that waits for its next token decodes one
+     token; requests still prefilling get the next chunk of their prompt;
+     waiting requests are admitted while the prefill token budget
+     (``chunked_prefill_size``), the request rows and the KV pool allow;
+  2. run one forward over the flattened batch (decode rows first);
+  3. sample for every request whose known tokens are now all computed,
+     detokenize, check stop conditions, send results, free what finished.
+
+Admission reserves the KV a request may need (prompt + max_new_tokens), so a
+running request never runs out of slots and nothing is preempted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from plait.runtime.batch import ForwardBatch
+from plait.runtime.model_runner import ModelRunner
+from plait.runtime.request import Req
+from plait.runtime.sampler import Sampler, SamplingRow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Planned:
+    req: Req
+    extend: int  # tokens computed this step
+    logit_start: int = 0  # first row of this request's logits
+    num_logits: int = 0
+    samples: bool = False  # whether this step samples the request's next token
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Any,
+        *,
+        eos_token_ids: tuple[int, ...],
+        chunked_prefill_size: int,
+        max_running_requests: int,
+    ):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.chunked_prefill_size = chunked_prefill_size
+        self.max_running_requests = max_running_requests
+        self.allocator = runner.kv_pool.allocator
+        self.req_to_token = runner.req_to_token
+        self.device = runner.device
+        self.sampler = Sampler()
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.reserved = 0  # KV slots promised to running requests, not yet allocated
+        self.num_forward_passes = 0
+
+    # ---- queue ---------------------------------------------------------------
+
+    def add(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, rid: str, message: str = "aborted") -> bool:
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self._finish(req, {"type": "abort", "message": message})
+                return True
+        for req in self.running:
+            if req.rid == rid:
+                self._finish(req, {"type": "abort", "message": message})
+                self.running.remove(req)
+                return True
+        return False
+
+    def abort_all(self, message: str) -> None:
+        for req in list(self.waiting) + list(self.running):
+            self.abort(req.rid, message)
+
+    @property
+    def available_slots(self) -> int:
+        return self.allocator.num_free - self.reserved
+
+    # ---- one step ------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Run one batch; False when there was nothing to run."""
+        plan = self._plan()
+        if not plan:
+            return False
+        batch = self._build_batch(plan)
+        logits = self.runner.forward(batch)
+        self.num_forward_passes += 1
+        self._process(plan, logits)
+        return True
+
+    def _plan(self) -> list[_Planned]:
+        decode, extend = [], []
+        budget = self.chunked_prefill_size
+        for req in self.running:
+            todo = req.fill_len - req.num_computed
+            if todo == 1 and req.num_computed >= len(req.input_ids):
+                decode.append(_Planned(req, 1))
+            elif budget > 0:
+                n = min(todo, budget)
+                extend.append(_Planned(req, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
+            req = self.waiting[0]
+            if req.kv_needed > self.available_slots:
+                break  # wait for running requests to finish and free their KV
+            self.waiting.popleft()
+            self._admit(req)
+            n = min(len(req.input_ids), budget)
+            extend.append(_Planned(req, n))
+            budget -= n
+        return decode + extend
+
+    def _admit(self, req: Req) -> None:
+        req.row = self.req_to_token.alloc()
+        req.reserved_left = req.kv_needed
+        self.reserved += req.reserved_left
+        self.running.append(req)
+
+    def _build_batch(self, plan: list[_Planned]) -> ForwardBatch:
+        total = sum(p.extend for p in plan)
+        slots = self.allocator.alloc(total)
+        table = self.req_to_token.table
+        ids: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        offset = 0
+        for p in plan:
+            req, start, end = p.req, p.req.num_computed, p.req.num_computed + p.extend
+            table[req.row, start:end] = slots[offset : offset + p.extend]
+            ids += req.fill_ids(start, end)
+            positions += range(start, end)
+            p.samples = end == req.fill_len and req.params.max_new_tokens > 0
+            # Rows whose logits we need: input-logprob positions (a row at position i
+            # scores token i + 1) and the last row when this step samples.
+            first = max(start, req.logprob_start - 1)
+            last = min(end, len(req.input_ids) - 1)
+            lp_rows = range(first, last) if first < last else range(0)
+            rows = list(lp_rows)
+            if p.samples:
+                rows.append(end - 1)
+            p.logit_start, p.num_logits = len(logit_rows), len(rows)
+            logit_rows += [offset + r - start for r in rows]
+            offset += p.extend
+            req.reserved_left -= p.extend
+            self.reserved -= p.extend
+        dev = self.device
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            out_slots=slots,
+            req_rows=torch.tensor([p.req.row for p in plan], dtype=torch.int64, device=dev),
+            prefix_lens=[p.req.num_computed for p in plan],
+            extend_lens=[p.extend for p in plan],
+            logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
+        )
+
+    def _process(self, plan: list[_Planned], logits: torch.Tensor) -> None:
+        want_lp = any(p.req.return_logprob for p in plan)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+        sample_rows, sampled, prefilled_only = [], [], []
+        for p in plan:
+            req = p.req
+            start = req.num_computed
+            req.num_computed += p.extend
+            if req.return_logprob:
+                self._record_input_logprobs(p, start, logprobs)
+            if p.samples:
+                sample_rows.append(p.logit_start + p.num_logits - 1)
+                sampled.append(req)
+            elif req.num_computed == len(req.input_ids) and req.params.max_new_tokens == 0:
+                self._finish(req, {"type": "length", "length": 0})
+                prefilled_only.append(req)
+        if sampled:
+            rows = torch.tensor(sample_rows, device=logits.device)
+            result = self.sampler(
+                logits.index_select(0, rows), [self._sampling_row(r) for r in sampled], False
+            )
+            for i, req in enumerate(sampled):
+                lp_row = logprobs[sample_rows[i]] if logprobs is not None else None
+                self._append_token(req, result.next_ids[i], lp_row)
+        for req in sampled + prefilled_only:
+            if req.stream or req.finished:
+                req.sink(req.make_output())
+        done = [r for r in self.running if r.finished]
+        if done:
+            self.running = [r for r in self.running if not r.finished]
+
+    def _sampling_row(self, req: Req) -> SamplingRow:
+        p = req.params
+        banned: list[int] = []
+        if len(req.output_ids) < p.min_new_tokens:
+            banned = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
+        return SamplingRow(p, req.generator, req.input_ids, req.output_ids, banned)
+
+    def _record_input_logprobs(
+        self, p: _Planned, start: int, logprobs: torch.Tensor | None
+    ) -> None:
+        req = p.req
+        decode = self._token_text
+        if start == 0 and req.logprob_start == 0:
+            req.input_logprobs.append(req.triple(None, req.input_ids[0], decode))
+            req.input_top_logprobs.append(None)
+        n = p.num_logits - (1 if p.samples else 0)
+        if n <= 0 or logprobs is None:
+            return
+        first_pos = max(start, req.logprob_start - 1)
+        rows = logprobs[p.logit_start : p.logit_start + n]
+        targets = req.input_ids[first_pos + 1 : first_pos + 1 + n]
+        values = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0].tolist()
+        for v, t in zip(values, targets):
+            req.input_logprobs.append(req.triple(v, t, decode))
+        for i in range(n):
+            req.input_top_logprobs.append(self._top(req, rows[i]))
+
+    def _top(self, req: Req, row: torch.Tensor) -> list | None:
+        if req.top_logprobs_num <= 0:
+            return None
+        vals, ids = row.topk(req.top_logprobs_num)
+        return [req.triple(v, t, self._token_text) for v, t in zip(vals.tolist(), ids.tolist())]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _append_token(self, req: Req, token: int, logprob_row: torch.Tensor | None) -> None:
+        req.output_ids.append(token)
+        if req.return_logprob and logprob_row is not None:
+            req.output_logprobs.append(
+                req.triple(float(logprob_row[token]), token, self._token_text)
+            )
+            req.output_top_logprobs.append(self._top(req, logprob_row))
+        matched_str = req.detok.add(token)
+        p = req.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            req.detok.finish(drop_last=True)
+            self._finish(req, {"type": "stop", "matched": token})
+        elif matched_str is not None:
+            req.detok.finish(stop_at=matched_str)
+            self._finish(req, {"type": "stop", "matched": matched_str})
+        elif (
+            len(req.output_ids) >= p.max_new_tokens or req.fill_len >= self.req_to_token.context_len
+        ):
+            req.detok.finish()
+            self._finish(req, {"type": "length", "length": len(req.output_ids)})
+
+    def _finish(self, req: Req, reason: dict[str, Any]) -> None:
+        """Mark finished and free everything the request holds. The result is sent by
+        the caller (aborts send it here)."""
+        req.finish_reason = reason
+        if req.row is not None:
+            slots = self.req_to_token.table[req.row, : req.num_computed]
+            self.allocator.free(slots.clone())
+            self.req_to_token.free(req.row)
+            req.row = None
+        self.reserved -= req.reserved_left
+        req.reserved_left = 0
+        if reason["type"] == "abort":
+            req.sink(req.make_output())
