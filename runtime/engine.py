@@ -13,6 +13,7 @@ thread, so bad input raises there and never reaches the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import random
@@ -227,10 +228,8 @@ class Engine:
         self.shutdown()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.shutdown()
-        except Exception:
-            pass
 
     # ---- requests --------------------------------------------------------------
 

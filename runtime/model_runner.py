@@ -35,7 +35,6 @@ class ModelRunner:
         with torch.device("meta"):
             model = LlamaFamilyModel(cfg)
         model = model.to_empty(device=device).to(dtype=dtype)
-        model.tie_weights()
         model.load_hf_state_dict(state_dict)
         model.rotary = RotaryEmbedding(cfg, context_len).to(device)  # fp32 tables
         self.model = model.eval()
