@@ -24,6 +24,7 @@ from dataclasses import fields
 from typing import Any
 
 import torch
+
 from plait.runtime.config import EngineConfig, ModelConfig
 from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.device import resolve_device, resolve_dtype

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from plait.runtime.attention import create_backend
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.sampling_params import SamplingParams
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from plait.runtime.sampling_params import SamplingParams
 
 

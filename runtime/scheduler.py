@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.model_runner import ModelRunner
 from plait.runtime.request import Req

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from plait.runtime.attention.base import AttentionBackend, register_backend
 from plait.runtime.batch import ForwardBatch
 

@@ -15,10 +15,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from plait.runtime.attention.base import AttentionBackend
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig
-from torch import nn
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
@@ -126,11 +127,12 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        out = attn.forward(q, k, v.view(T, self.num_kv_heads, self.head_dim), self.layer)
+        T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k heads sit side by side: rotate them in one pass.
+        qk = apply_rope(qk.view(T, H + Hkv, D), cos, sin)
+        q, k = qk.split([H, Hkv], dim=1)
+        out = attn.forward(q, k, v.view(T, Hkv, D), self.layer)
         return self.o_proj(out)
 
 

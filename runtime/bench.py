@@ -1,0 +1,151 @@
+"""``plait bench engine``: plait against HF transformers on the same model, in
+the same process, with the same thread count.
+
+Figures: single-stream decode tok/s, prefill tok/s on a ~1k-token prompt,
+batch 8 and batch 32 aggregate decode tok/s, the ratios, and the peak RSS of
+the plait runs (measured before HF is loaded) against the KV budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from typing import Any
+
+import torch
+
+STORY = (
+    "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps "
+    "as his father had taught him, and at the top he wiped the salt from the great lens. "
+)
+TOPICS = [
+    "the history of bread",
+    "how bees communicate",
+    "the rules of chess",
+    "volcanoes",
+    "the water cycle",
+    "why the sky is blue",
+    "the first computers",
+    "how to plant a tree",
+]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _prompts(n: int) -> list[str]:
+    return [f"Write a short essay about {TOPICS[i % len(TOPICS)]} (part {i}):" for i in range(n)]
+
+
+def bench_plait(
+    engine: Any, long_prompt: str, new_tokens: int, batch_tokens: int
+) -> dict[str, float]:
+    greedy = {"temperature": 0, "ignore_eos": True}
+    engine.generate("warm up", {**greedy, "max_new_tokens": 4})
+    r: dict[str, float] = {}
+    t = _timed(
+        lambda: engine.generate("Once upon a time", {**greedy, "max_new_tokens": new_tokens})
+    )
+    r["single"] = new_tokens / t
+    n_long = len(engine.tokenizer.encode(long_prompt))
+    t = _timed(lambda: engine.generate(long_prompt, {**greedy, "max_new_tokens": 1}))
+    r["prefill"] = n_long / t
+    for bs in (8, 32):
+        t = _timed(
+            lambda bs=bs: engine.generate(_prompts(bs), {**greedy, "max_new_tokens": batch_tokens})
+        )
+        r[f"batch{bs}"] = bs * batch_tokens / t
+    return r
+
+
+def bench_hf(
+    model: Any, tok: Any, long_prompt: str, new_tokens: int, batch_tokens: int
+) -> dict[str, float]:
+    def gen(prompts: list[str], n: int) -> None:
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        model.generate(
+            **enc,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    gen(["warm up"], 4)
+    r: dict[str, float] = {}
+    r["single"] = new_tokens / _timed(lambda: gen(["Once upon a time"], new_tokens))
+    ids = tok(long_prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        r["prefill"] = ids.shape[1] / _timed(lambda: model(ids))
+    for bs in (8, 32):
+        r[f"batch{bs}"] = bs * batch_tokens / _timed(lambda bs=bs: gen(_prompts(bs), batch_tokens))
+    return r
+
+
+def main(args: argparse.Namespace) -> int:
+    from plait.runtime.engine import Engine
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    new_tokens, batch_tokens = (16, 8) if args.quick else (128, 64)
+    kwargs = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "num_threads": threads,
+        "max_total_tokens": args.max_total_tokens,
+        "kv_cache_memory_gb": args.kv_cache_memory_gb,
+    }
+    engine = Engine(model=args.model, **kwargs)
+    long_prompt = STORY * max(1, 1024 // len(engine.tokenizer.encode(STORY)))
+    kv_mb = engine.runner.kv_pool.nbytes / 2**20
+    plait_r = bench_plait(engine, long_prompt, new_tokens, batch_tokens)
+    rss = _peak_rss_mb()
+    model_path = engine.source.model_path
+    engine.shutdown()
+    del engine
+
+    print(f"model: {args.model} ({model_path})")
+    print(
+        f"torch threads: {threads}; device: {args.device or 'auto'}; dtype: {args.dtype or 'auto'}"
+    )
+    print(
+        f"new tokens: single {new_tokens}, batched {batch_tokens} per request; prefill prompt "
+        f"~{len(long_prompt) // 4} chars"
+    )
+    hf_r: dict[str, float] | None = None
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(model_path)
+        hf_r = bench_hf(hf, tok, long_prompt, new_tokens, batch_tokens)
+    labels = {
+        "single": "single-stream decode tok/s",
+        "prefill": "prefill tok/s (~1k prompt)",
+        "batch8": "batch 8 aggregate tok/s",
+        "batch32": "batch 32 aggregate tok/s",
+    }
+    print(f"{'':30s} {'plait':>10s} {'HF':>10s} {'ratio':>8s}")
+    for key, label in labels.items():
+        if hf_r:
+            print(
+                f"{label:30s} {plait_r[key]:10.1f} {hf_r[key]:10.1f} {plait_r[key] / hf_r[key]:7.2f}x"
+            )
+        else:
+            print(f"{label:30s} {plait_r[key]:10.1f}")
+    print(
+        f"plait peak RSS: {rss:.0f} MiB (KV budget {kv_mb:.0f} MiB; goal < 1536 MiB + budget"
+        f" = {1536 + kv_mb:.0f} MiB)"
+    )
+    return 0

