@@ -385,9 +385,11 @@ def test_max_new_tokens_is_clamped_to_the_context(engine):
 
 
 def test_kv_pool_too_small_for_request(llama_dir):
-    with plait.Engine(model=llama_dir, max_total_tokens=16) as eng:
-        with pytest.raises(RequestError, match="KV slots"):
-            eng.generate("hello world", {"max_new_tokens": 32})
+    with (
+        plait.Engine(model=llama_dir, max_total_tokens=16) as eng,
+        pytest.raises(RequestError, match="KV slots"),
+    ):
+        eng.generate("hello world", {"max_new_tokens": 32})
 
 
 def test_unknown_engine_option():
