@@ -98,6 +98,8 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             chunked_prefill_size=cfg.chunked_prefill_size,
             max_running_requests=cfg.max_running_requests,
+            schedule_policy=cfg.schedule_policy,
+            disable_radix_cache=cfg.disable_radix_cache,
         )
         self._rng = random.Random(cfg.random_seed)
         self._inbox: queue.Queue = queue.Queue()
@@ -213,7 +215,12 @@ class Engine:
         )
 
     def get_stats(self) -> dict[str, Any]:
+        """Live figures: running/waiting requests, KV slots, prefix cache hit rate."""
         return self._call(self._stats)
+
+    def flush_cache(self) -> bool:
+        """Drop all cached prefixes. Returns False (and does nothing) while requests run."""
+        return self._call(self.scheduler.flush_cache)
 
     def shutdown(self) -> None:
         if self._closed:
@@ -437,6 +444,10 @@ class Engine:
             "kv_slots_free": free,
             "kv_slots_used": self.max_total_tokens - free,
             "num_forward_passes": s.num_forward_passes,
+            "cache_tokens": s.cache.total_size,
+            "cache_hit_tokens": s.cache.stats.hit_tokens,
+            "cache_query_tokens": s.cache.stats.query_tokens,
+            "cache_hit_rate": s.cache.stats.hit_rate,
         }
 
     def _handle(self, kind: str, payload: Any) -> bool:

@@ -7,9 +7,12 @@
         Row r lists, in sequence order, the KV slots of the request holding
         row r. Attention backends gather K/V through it.
 
-A request owns the slots of its row from ``prefix_len`` on; slots before
-that belong to the prefix cache, which lends them to the request while its
-node is locked (see plait.radix).
+A row's first ``tree_len`` slots belong to the prefix cache, which lends
+them to the request while the request holds a lock on their node; the
+request owns the slots after that until it finishes (see plait.radix):
+
+    row r:  [ cache-owned, locked | request-owned | (unused) ]
+            0             tree_len        num_computed
 """
 
 from __future__ import annotations

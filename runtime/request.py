@@ -54,7 +54,9 @@ class Req:
 
         self.output_ids: list[int] = []
         self.row: int | None = None  # row of the request-to-token table while running
-        self.prefix_len = 0  # tokens whose KV was lent by the prefix cache
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.tree_len = 0  # leading tokens whose KV slots the prefix cache owns
+        self.last_node: Any = None  # the locked cache node covering those tokens
         self.num_computed = 0  # tokens whose KV is in the pool
         self.reserved_left = 0  # KV slots promised at admission and not yet allocated
         self.finish_reason: dict[str, Any] | None = None
@@ -86,7 +88,7 @@ class Req:
     @property
     def kv_needed(self) -> int:
         """KV slots this request may use beyond its cached prefix."""
-        return len(self.input_ids) + self.params.max_new_tokens - self.prefix_len
+        return len(self.input_ids) + self.params.max_new_tokens - self.cached_tokens
 
     # ---- results -------------------------------------------------------------
 
@@ -106,7 +108,7 @@ class Req:
             "id": self.rid,
             "prompt_tokens": len(self.input_ids),
             "completion_tokens": len(self.output_ids),
-            "cached_tokens": self.prefix_len,
+            "cached_tokens": self.cached_tokens,
             "finish_reason": self.finish_reason,
             "e2e_latency": time.perf_counter() - self.created,
         }

@@ -11,6 +11,12 @@ Each step:
 
 Admission reserves the KV a request may need (prompt + max_new_tokens), so a
 running request never runs out of slots and nothing is preempted.
+
+The prefix cache (plait.radix) sits under admission and completion: a
+request starts from the longest cached prefix of its prompt (locked while it
+runs), each finished prefill chunk is inserted at once so requests admitted
+later reuse it, and a finished request's tokens are inserted for the next
+one. When the pool runs short, unlocked cache leaves are evicted.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 import torch
 
+from plait.radix import NullCache, RadixCache
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.model_runner import ModelRunner
 from plait.runtime.request import Req
@@ -48,6 +55,8 @@ class Scheduler:
         eos_token_ids: tuple[int, ...],
         chunked_prefill_size: int,
         max_running_requests: int,
+        schedule_policy: str = "lpm",
+        disable_radix_cache: bool = False,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -58,6 +67,9 @@ class Scheduler:
         self.req_to_token = runner.req_to_token
         self.device = runner.device
         self.sampler = Sampler()
+        self.schedule_policy = schedule_policy
+        cache_cls = NullCache if disable_radix_cache else RadixCache
+        self.cache: RadixCache | NullCache = cache_cls(self.allocator.free, self.device)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.reserved = 0  # KV slots promised to running requests, not yet allocated
@@ -92,6 +104,41 @@ class Scheduler:
     def available_slots(self) -> int:
         return self.allocator.num_free - self.reserved
 
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while requests are running."""
+        if self.running:
+            return False
+        self.cache.flush()
+        self.cache.reset()
+        return True
+
+    def _prefix_cap(self, req: Req) -> int:
+        """How much of the prompt may come from the cache: at least one token is
+        computed (its logits start the output), and input logprobs need the logits
+        from position logprob_start - 1 on."""
+        cap = len(req.input_ids) - 1
+        if req.return_logprob:
+            cap = min(cap, req.logprob_start - 1)
+        return max(cap, 0)
+
+    # Past this queue length, lpm's prefix matching costs more than it saves.
+    LPM_MAX_QUEUE = 128
+    # A same-step request sharing at least this many uncached tokens waits a step.
+    MIN_SHARED_PREFIX = 32
+
+    def _order_waiting(self) -> None:
+        if (
+            self.schedule_policy != "lpm"
+            or isinstance(self.cache, NullCache)
+            or not 1 < len(self.waiting) <= self.LPM_MAX_QUEUE
+        ):
+            return
+        match = {
+            id(r): self.cache.match_prefix(r.input_ids[: self._prefix_cap(r)], record=False).length
+            for r in self.waiting
+        }
+        self.waiting = deque(sorted(self.waiting, key=lambda r: -match[id(r)]))
+
     # ---- one step ------------------------------------------------------------
 
     def step(self) -> bool:
@@ -116,22 +163,53 @@ class Scheduler:
                 n = min(todo, budget)
                 extend.append(_Planned(req, n))
                 budget -= n
+        self._order_waiting()
+        admitted: list[Req] = []
+        deferred: list[Req] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
-            req = self.waiting[0]
-            if req.kv_needed > self.available_slots:
+            req = self.waiting.popleft()
+            if self._shares_uncached_prefix(req, admitted):
+                deferred.append(req)  # admitted next step, when that prefix is cached
+                continue
+            if not self._admit(req):
+                self.waiting.appendleft(req)
                 break  # wait for running requests to finish and free their KV
-            self.waiting.popleft()
-            self._admit(req)
-            n = min(len(req.input_ids), budget)
+            admitted.append(req)
+            n = min(len(req.input_ids) - req.num_computed, budget)
             extend.append(_Planned(req, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return decode + extend
 
-    def _admit(self, req: Req) -> None:
+    def _shares_uncached_prefix(self, req: Req, admitted: list[Req]) -> bool:
+        """Whether ``req`` would recompute a long prefix that a request admitted in this
+        same step is computing now (it is cheaper to wait one step and reuse it)."""
+        if isinstance(self.cache, NullCache) or not admitted:
+            return False
+        cached = self.cache.match_prefix(req.input_ids, record=False).length
+        return any(
+            _common_prefix_len(req.input_ids, other.input_ids) - cached >= self.MIN_SHARED_PREFIX
+            for other in admitted
+        )
+
+    def _admit(self, req: Req) -> bool:
+        """Match the prompt in the cache, lock the match, reserve KV (evicting cache
+        leaves if needed) and take a request row. False if the KV does not fit yet."""
+        match = self.cache.match_prefix(req.input_ids[: self._prefix_cap(req)])
+        self.cache.lock(match.node)
+        req.cached_tokens = req.tree_len = req.num_computed = match.length
+        short = req.kv_needed - self.available_slots
+        if short > 0 and self.cache.evict(short) < short:
+            self.cache.unlock(match.node)
+            req.cached_tokens = req.tree_len = req.num_computed = 0
+            return False
+        req.last_node = match.node
         req.row = self.req_to_token.alloc()
+        self.req_to_token.table[req.row, : match.length] = match.slots
         req.reserved_left = req.kv_needed
         self.reserved += req.reserved_left
         self.running.append(req)
+        return True
 
     def _build_batch(self, plan: list[_Planned]) -> ForwardBatch:
         total = sum(p.extend for p in plan)
@@ -179,6 +257,8 @@ class Scheduler:
             req = p.req
             start = req.num_computed
             req.num_computed += p.extend
+            if p.extend > 1 and not isinstance(self.cache, NullCache):
+                self._cache_computed(req)
             if req.return_logprob:
                 self._record_input_logprobs(p, start, logprobs)
             if p.samples:
@@ -201,6 +281,18 @@ class Scheduler:
         done = [r for r in self.running if r.finished]
         if done:
             self.running = [r for r in self.running if not r.finished]
+
+    def _cache_computed(self, req: Req) -> None:
+        """Insert what the request has computed so far and move its lock to the new
+        node; its row then points at the cache's slots (duplicates were freed)."""
+        tokens = req.fill_ids(0, req.num_computed)
+        table = self.req_to_token.table
+        self.cache.insert(tokens, table[req.row, : req.num_computed].clone())
+        match = self.cache.match_prefix(tokens, record=False)
+        self.cache.lock(match.node)
+        self.cache.unlock(req.last_node)
+        req.last_node, req.tree_len = match.node, match.length
+        table[req.row, : match.length] = match.slots
 
     def _sampling_row(self, req: Req) -> SamplingRow:
         p = req.params
@@ -264,11 +356,23 @@ class Scheduler:
         the caller (aborts send it here)."""
         req.finish_reason = reason
         if req.row is not None:
-            slots = self.req_to_token.table[req.row, : req.num_computed]
-            self.allocator.free(slots.clone())
+            # Hand the computed KV to the cache (which frees what it does not keep).
+            n = req.num_computed
+            slots = self.req_to_token.table[req.row, :n].clone()
+            self.cache.insert(req.fill_ids(0, n), slots)
+            self.cache.unlock(req.last_node)
+            req.last_node = None
             self.req_to_token.free(req.row)
             req.row = None
         self.reserved -= req.reserved_left
         req.reserved_left = 0
         if reason["type"] == "abort":
             req.sink(req.make_output())
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -42,9 +42,12 @@ def engine(llama_dir):
 
 
 def assert_kv_all_free(engine) -> None:
+    """No request holds KV: only the prefix cache does, and a flush frees it all."""
     stats = engine.get_stats()
-    assert stats["kv_slots_used"] == 0, stats
     assert stats["num_running_reqs"] == 0 and stats["num_waiting_reqs"] == 0
+    assert stats["kv_slots_used"] == stats["cache_tokens"], stats
+    assert engine.flush_cache()
+    assert engine.get_stats()["kv_slots_used"] == 0
 
 
 # ---- exactness ---------------------------------------------------------------
