@@ -25,8 +25,9 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCa
 
 
 class Linear(nn.Module):
-    """y = x @ W (+ b) with W stored [in, out]. On CPU, MKL runs this layout several
-    times faster than nn.Linear's [out, in] (1.35x at one token, ~7x at 32)."""
+    """y = x @ W (+ b) with W stored [in, out]. On CPU, MKL runs this layout 1.35x
+    faster than nn.Linear's [out, in] for one token (1.7x for the vocab projection);
+    at 8-32 rows [out, in] is ~15-20% faster. One token per step is the common case."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
