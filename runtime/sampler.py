@@ -48,7 +48,9 @@ def apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
         counts = torch.bincount(out, minlength=logits.numel()).to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor([*row.input_ids, *row.output_ids], device=device).unique()
+        seen = torch.tensor(
+            [*row.input_ids, *row.output_ids], dtype=torch.long, device=device
+        ).unique()
         score = logits[seen]
         logits[seen] = torch.where(
             score < 0, score * p.repetition_penalty, score / p.repetition_penalty

@@ -8,6 +8,7 @@ Validation raises :class:`SamplingParamsError` naming the field and the value.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class SamplingParams:
         if d is None:
             return cls()
         if isinstance(d, SamplingParams):
-            return dataclasses.replace(d)
+            return copy.deepcopy(d)
         if not isinstance(d, dict):
             raise SamplingParamsError("<root>", d, "expected a dict of sampling parameters")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -77,14 +78,20 @@ class SamplingParams:
             self.stop = [self.stop]
         elif self.stop is None:
             self.stop = []
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        if isinstance(self.stop_token_ids, int):
+        else:
+            raise SamplingParamsError("stop", self.stop, "must be a string or a list of strings")
+        if isinstance(self.stop_token_ids, int) and not isinstance(self.stop_token_ids, bool):
             self.stop_token_ids = [self.stop_token_ids]
         elif self.stop_token_ids is None:
             self.stop_token_ids = []
-        else:
+        elif isinstance(self.stop_token_ids, (list, tuple)):
             self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise SamplingParamsError(
+                "stop_token_ids", self.stop_token_ids, "must be an id or a list of ids"
+            )
         if isinstance(self.json_schema, dict):
             self.json_schema = json.dumps(self.json_schema)
         return self
@@ -112,6 +119,9 @@ class SamplingParams:
         _check_int(self, "n", lo=1)
         if self.seed is not None:
             _check_int(self, "seed")
+            # Request k of n is seeded with seed + k; torch takes seeds in [-2**63, 2**64).
+            if self.seed < -(2**63) or self.seed + self.n - 1 >= 2**64:
+                raise SamplingParamsError("seed", self.seed, "must be in [-2**63, 2**64 - n)")
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, getattr(self, name), "must be a boolean")
