@@ -27,19 +27,3 @@ class ForwardBatch:
     extend_lens: list[int]
     # Rows of the flattened batch whose logits are needed (sampling, logprobs).
     logits_indices: torch.Tensor  # [N] int64
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.extend_lens)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
-    @property
-    def seq_lens(self) -> list[int]:
-        return [p + e for p, e in zip(self.prefix_lens, self.extend_lens)]
-
-    @property
-    def is_decode(self) -> bool:
-        return all(e == 1 for e in self.extend_lens)

@@ -29,15 +29,6 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V for one token across all layers, in elements (multiply by dtype size)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:
         """Read a transformers config (v4 or v5 field layout)."""
