@@ -2,6 +2,7 @@
 
 plait generate "The capital of France is" --max-new-tokens 16
 plait bench engine --threads 2
+plait bench prefix --threads 2
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _bench(a: argparse.Namespace) -> int:
-    from plait.runtime import bench
+    if a.workload == "engine":
+        from plait.runtime import bench
 
-    return bench.main(a)
+        return bench.main(a)
+    from plait.runtime import bench_prefix
+
+    return bench_prefix.main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="benchmarks against HF transformers")
-    b.add_argument("workload", choices=["engine"])
+    b.add_argument(
+        "workload",
+        choices=["engine", "few-shot", "multi-turn", "fork", "prefix"],
+        help="engine: raw speed; few-shot, multi-turn, fork: prefix reuse; prefix: all three",
+    )
     _engine_args(b)
     b.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
     b.add_argument("--skip-hf", action="store_true", help="measure plait only")
