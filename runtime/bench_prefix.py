@@ -170,8 +170,8 @@ def _chat_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
 WORKLOADS = {
     "few-shot": (
         few_shot,
-        {"shots": 64, "questions": 64, "new_tokens": 16},
-        {"shots": 64, "questions": 16, "new_tokens": 8},
+        {"shots": 32, "questions": 64, "new_tokens": 16},
+        {"shots": 32, "questions": 16, "new_tokens": 8},
     ),
     "multi-turn": (
         multi_turn,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _ROPE_TYPES = ("default", "linear", "llama3")
+GRAMMAR_BACKENDS = ("llguidance", "outlines")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ class EngineConfig:
     chunked_prefill_size: int = 2048
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
+    # Constrained decoding: the primary grammar backend (the others are fallbacks),
+    # the deadline of a slow (outlines) compile, and jump-forward over forced text.
+    grammar_backend: str = "llguidance"
+    grammar_compile_timeout_s: float = 10.0
+    disable_jump_forward: bool = False
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     random_seed: int | None = None
     cache_dir: str | None = None
@@ -109,6 +115,14 @@ class EngineConfig:
             raise ValueError(f"max_running_requests={self.max_running_requests!r}: must be >= 1")
         if self.chunked_prefill_size < 1:
             raise ValueError(f"chunked_prefill_size={self.chunked_prefill_size!r}: must be >= 1")
+        if self.grammar_backend not in GRAMMAR_BACKENDS:
+            raise ValueError(
+                f"grammar_backend={self.grammar_backend!r}: supported: {list(GRAMMAR_BACKENDS)}"
+            )
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError(
+                f"grammar_compile_timeout_s={self.grammar_compile_timeout_s!r}: must be > 0"
+            )
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError(
                 f"schedule_policy={self.schedule_policy!r}: supported: ['lpm', 'fcfs']"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 import queue
 import random
 import threading
@@ -26,11 +27,18 @@ from typing import Any
 import torch
 
 from plait.runtime.config import EngineConfig, ModelConfig
+from plait.runtime.constrained import GrammarCompiler, GrammarSpec, TokenizerInfo
 from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.device import resolve_device, resolve_dtype
 from plait.runtime.errors import RequestError
 from plait.runtime.kv_pool import KVPool
-from plait.runtime.loader import load_config, load_state_dict, load_tokenizer, resolve_model
+from plait.runtime.loader import (
+    default_cache_dir,
+    load_config,
+    load_state_dict,
+    load_tokenizer,
+    resolve_model,
+)
 from plait.runtime.model_runner import ModelRunner
 from plait.runtime.request import Req, Sink
 from plait.runtime.sampling_params import SamplingParams
@@ -101,6 +109,8 @@ class Engine:
             schedule_policy=cfg.schedule_policy,
             disable_radix_cache=cfg.disable_radix_cache,
         )
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self._rng = random.Random(cfg.random_seed)
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
@@ -151,6 +161,9 @@ class Engine:
             rid,
             sinks=None,
         )
+        for r in reqs:  # compiled off the loop thread; a bad grammar raises here
+            if r.grammar_future is not None:
+                r.set_grammar(r.grammar_future.result())
         if stream:
             return self._stream(reqs)
         self._submit(reqs)
@@ -191,6 +204,9 @@ class Engine:
             rid,
             sinks=make_sink,
         )
+        for r in reqs:
+            if r.grammar_future is not None:
+                r.set_grammar(await asyncio.wrap_future(r.grammar_future))
         self._submit(reqs)
         if stream:
             return self._astream(reqs[0], queues[0])
@@ -218,6 +234,24 @@ class Engine:
         """Live figures: running/waiting requests, KV slots, prefix cache hit rate."""
         return self._call(self._stats)
 
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The grammar compiler (built on first use: its tokenizer tables take a moment)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                cfg = self.config
+                info = TokenizerInfo.from_hf(
+                    self.tokenizer, self.model_config.vocab_size, list(self.eos_token_ids)
+                )
+                cache = pathlib.Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+                self._grammar_compiler = GrammarCompiler(
+                    info,
+                    primary=cfg.grammar_backend,
+                    cache_dir=cache / "grammars",
+                    compile_timeout_s=cfg.grammar_compile_timeout_s,
+                )
+            return self._grammar_compiler
+
     def flush_cache(self) -> bool:
         """Drop all cached prefixes. Returns False (and does nothing) while requests run."""
         return self._call(self.scheduler.flush_cache)
@@ -228,6 +262,8 @@ class Engine:
         self._closed = True
         self._inbox.put(("stop", None))
         self._thread.join(timeout=30)
+        if self._grammar_compiler is not None:
+            self._grammar_compiler.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -301,6 +337,8 @@ class Engine:
                 )
             if stream and (params.n > 1 or len(id_lists) > 1):
                 raise RequestError("stream", stream, "streaming takes one prompt with n=1")
+            spec = GrammarSpec.from_params(params)  # malformed constraints raise here
+            grammar = self.grammar_compiler.submit(spec) if spec is not None else None
             base_rid = rids[i] or uuid.uuid4().hex
             for k in range(params.n):
                 reqs.append(
@@ -317,6 +355,7 @@ class Engine:
                         sinks() if sinks else self._queue_sink(),
                     )
                 )
+                reqs[-1].grammar_future = grammar
         return reqs, single and len(reqs) == 1
 
     def _check_ids(self, ids: list[int], index: int | None) -> None:
@@ -366,6 +405,7 @@ class Engine:
             logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num,
             return_text_in_logprobs=return_text_in_logprobs,
+            jump_forward=not self.config.disable_jump_forward,
         )
 
     @staticmethod

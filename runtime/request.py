@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
+from plait.runtime.constrained import CompiledResult, Matcher
 from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.sampling_params import SamplingParams
 
@@ -36,6 +38,7 @@ class Req:
         logprob_start_len: int | None = None,
         top_logprobs_num: int = 0,
         return_text_in_logprobs: bool = False,
+        jump_forward: bool = True,
     ):
         self.rid = rid
         self.input_ids = input_ids
@@ -51,6 +54,15 @@ class Req:
         n = len(input_ids)
         start = n - 1 if logprob_start_len is None or logprob_start_len < 0 else logprob_start_len
         self.logprob_start = min(max(start, 0), n) if return_logprob else n
+
+        # Constrained decoding (set_grammar): the compiled grammar and this request's
+        # place in it. Jump-forward is off when logprobs are asked for (forced tokens
+        # get none).
+        self.grammar_future: Future[CompiledResult] | None = None
+        self.grammar: CompiledResult | None = None
+        self.matcher: Matcher | None = None
+        self.jump_forward = jump_forward and not return_logprob
+        self.forced_tokens = 0  # output tokens appended by jump-forward, without a decode step
 
         self.output_ids: list[int] = []
         self.row: int | None = None  # row of the request-to-token table while running
@@ -68,6 +80,10 @@ class Req:
         self._sent_input_logprobs = 0
         self._sent_output_logprobs = 0
         self.created = time.perf_counter()
+
+    def set_grammar(self, grammar: CompiledResult) -> None:
+        self.grammar = grammar
+        self.matcher = grammar.grammar.matcher()
 
     @property
     def fill_len(self) -> int:
@@ -112,6 +128,12 @@ class Req:
             "finish_reason": self.finish_reason,
             "e2e_latency": time.perf_counter() - self.created,
         }
+        if self.grammar is not None:
+            meta["grammar_backend"] = self.grammar.backend
+            if self.grammar.fallback_reason:
+                meta["grammar_fallback"] = self.grammar.fallback_reason
+            # Each forced token is a decode step (one forward pass) not run.
+            meta["forced_tokens"] = meta["forward_passes_saved"] = self.forced_tokens
         if self.return_logprob:
             meta.update(self._logprobs_piece())
         return {"text": text, "output_ids": ids, "meta_info": meta}

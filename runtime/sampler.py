@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from plait.runtime.constrained.bitmask import apply_bitmask
 from plait.runtime.sampling_params import SamplingParams
 
 
@@ -26,7 +27,9 @@ class SamplingRow:
     input_ids: Sequence[int]
     output_ids: Sequence[int]
     banned_ids: Sequence[int] = ()  # e.g. EOS while under min_new_tokens
-    allowed_mask: torch.Tensor | None = None  # bool [V] from a grammar, None: all
+    # A grammar's allowed tokens as one packed int32 bitmask row (see
+    # plait.runtime.constrained.bitmask); None: every token is allowed.
+    grammar_bits: torch.Tensor | None = None
     top_logprobs_num: int = 0
 
 
@@ -84,18 +87,20 @@ class Sampler:
             if row.top_logprobs_num > 0 and logprobs is not None:
                 vals, ids = logprobs[i].topk(row.top_logprobs_num)
                 top[i] = (vals.tolist(), ids.tolist())
-        modified = any(
-            r.params.has_penalties or r.banned_ids or r.allowed_mask is not None for r in rows
-        )
-        if modified:
+        constrained = [i for i, r in enumerate(rows) if r.grammar_bits is not None]
+        if constrained or any(r.params.has_penalties or r.banned_ids for r in rows):
             logits = logits.clone()
             for i, row in enumerate(rows):
                 if row.params.has_penalties:
                     apply_penalties(logits[i], row)
                 if row.banned_ids:
                     logits[i, list(row.banned_ids)] = float("-inf")
-                if row.allowed_mask is not None:
-                    logits[i].masked_fill_(~row.allowed_mask, float("-inf"))
+            if constrained:
+                # One masking pass over the constrained rows only.
+                idx = torch.tensor(constrained, device=logits.device)
+                sub = logits.index_select(0, idx)
+                apply_bitmask(sub, torch.stack([rows[i].grammar_bits for i in constrained]))
+                logits.index_copy_(0, idx, sub)
         next_ids = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             if not row.params.is_greedy:

@@ -92,7 +92,7 @@ class SamplingParams:
             raise SamplingParamsError(
                 "stop_token_ids", self.stop_token_ids, "must be an id or a list of ids"
             )
-        if isinstance(self.json_schema, dict):
+        if isinstance(self.json_schema, (dict, bool)):  # `true`/`false` are schemas too
             self.json_schema = json.dumps(self.json_schema)
         return self
 

@@ -17,6 +17,15 @@ request starts from the longest cached prefix of its prompt (locked while it
 runs), each finished prefill chunk is inserted at once so requests admitted
 later reuse it, and a finished request's tokens are inserted for the next
 one. When the pool runs short, unlocked cache leaves are evicted.
+
+Constrained requests carry a grammar matcher: their rows of the sampled
+logits are masked with the grammar's allowed-token bitmask, each sampled token
+advances the matcher, and the request stops once the grammar is complete.
+With jump-forward, text the grammar forces after a sampled token is appended
+as output tokens at once (the boundary with the sampled token re-tokenized),
+and the next step computes them in one extend pass instead of one decode step
+each. The sampled token's own KV is not computed yet when that happens, so
+re-tokenizing it never touches the pool.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import torch
 
 from plait.radix import NullCache, RadixCache
 from plait.runtime.batch import ForwardBatch
+from plait.runtime.constrained.bitmask import allocate_bitmask
 from plait.runtime.model_runner import ModelRunner
 from plait.runtime.request import Req
 from plait.runtime.sampler import Sampler, SamplingRow
@@ -57,6 +67,7 @@ class Scheduler:
         max_running_requests: int,
         schedule_policy: str = "lpm",
         disable_radix_cache: bool = False,
+        vocab_size: int | None = None,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -74,26 +85,39 @@ class Scheduler:
         self.running: list[Req] = []
         self.reserved = 0  # KV slots promised to running requests, not yet allocated
         self.num_forward_passes = 0
+        self.vocab_size = vocab_size or runner.cfg.vocab_size  # logits width
 
     # ---- queue ---------------------------------------------------------------
 
     def add(self, req: Req) -> None:
+        """Queue a request. Text its grammar forces before any sampling is appended
+        at once, so the prompt's prefill computes it too."""
+        if req.matcher is not None:
+            if req.jump_forward:
+                forced = self._forced_tokens(req, None)
+                req.forced_tokens += len(forced)
+                for t in forced:
+                    self._append_token(req, t, None)
+                    if req.finished:
+                        break
+            if not req.finished and req.matcher.is_finished():
+                self._finish_grammar(req)
+            if req.finished:
+                req.sink(req.make_output())
+                return
         self.waiting.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def abort(self, rid: str, message: str = "aborted") -> bool:
-        for req in self.waiting:
-            if req.rid == rid:
-                self.waiting.remove(req)
-                self._finish(req, {"type": "abort", "message": message})
-                return True
-        for req in self.running:
-            if req.rid == rid:
-                self._finish(req, {"type": "abort", "message": message})
-                self.running.remove(req)
-                return True
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    self._finish(req, {"type": "abort", "message": message})
+                    req.sink(req.make_output())
+                    return True
         return False
 
     def abort_all(self, message: str) -> None:
@@ -175,7 +199,7 @@ class Scheduler:
                 self.waiting.appendleft(req)
                 break  # wait for running requests to finish and free their KV
             admitted.append(req)
-            n = min(len(req.input_ids) - req.num_computed, budget)
+            n = min(req.fill_len - req.num_computed, budget)
             extend.append(_Planned(req, n))
             budget -= n
         self.waiting.extendleft(reversed(deferred))
@@ -269,12 +293,12 @@ class Scheduler:
                 prefilled_only.append(req)
         if sampled:
             rows = torch.tensor(sample_rows, device=logits.device)
-            result = self.sampler(
-                logits.index_select(0, rows), [self._sampling_row(r) for r in sampled], False
-            )
+            sampling_rows = [self._sampling_row(r) for r in sampled]
+            self._fill_grammar_masks(sampled, sampling_rows)
+            result = self.sampler(logits.index_select(0, rows), sampling_rows, False)
             for i, req in enumerate(sampled):
                 lp_row = logprobs[sample_rows[i]] if logprobs is not None else None
-                self._append_token(req, result.next_ids[i], lp_row)
+                self._accept_sampled(req, result.next_ids[i], lp_row)
         for req in sampled + prefilled_only:
             if req.stream or req.finished:
                 req.sink(req.make_output())
@@ -330,6 +354,90 @@ class Scheduler:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    # ---- constrained decoding --------------------------------------------------
+
+    def _fill_grammar_masks(self, reqs: list[Req], rows: list[SamplingRow]) -> None:
+        """Give each constrained row its grammar's allowed-token bitmask."""
+        constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
+        if not constrained:
+            return
+        bitmask = allocate_bitmask(len(constrained), self.vocab_size)
+        for k, i in enumerate(constrained):
+            reqs[i].matcher.fill_mask(bitmask, k)
+            rows[i].grammar_bits = bitmask[k]
+
+    def _accept_sampled(self, req: Req, token: int, logprob_row: torch.Tensor | None) -> None:
+        """Append a sampled token; for a constrained request advance its grammar,
+        jump forward over forced text and stop when the grammar is complete."""
+        m = req.matcher
+        if m is None:
+            self._append_token(req, token, logprob_row)
+            return
+        if not m.accept(token):  # the mask makes this unreachable; never emit it
+            self._finish(req, {"type": "abort", "message": f"grammar rejected token {token}"})
+            return
+        tokens = [token]
+        if req.jump_forward and token not in self.eos_token_ids and not m.is_finished():
+            forced = self._forced_tokens(req, token)
+            if forced and forced[0] is None:  # the boundary re-tokenized: replace `token`
+                tokens = forced[1:]
+                req.forced_tokens += len(tokens) - 1
+            else:
+                tokens += forced
+                req.forced_tokens += len(forced)
+        for k, t in enumerate(tokens):
+            self._append_token(req, t, logprob_row if k == 0 else None)
+            if req.finished:
+                return
+        if m.is_finished():
+            self._finish_grammar(req)
+
+    def _forced_tokens(self, req: Req, last: int | None) -> list:
+        """Tokens the grammar forces next, already accepted by the matcher.
+
+        A backend that computes forced tokens itself (llguidance) is trusted with the
+        token boundary. Otherwise the forced text is tokenized together with ``last``
+        (the sampled token, not computed yet), so the model sees the tokens it would
+        have produced; when that changes ``last``, the result starts with None and
+        then the replacement tokens (``last`` is rolled back in the matcher).
+        """
+        m = req.matcher
+        if m.computes_forced_tokens:
+            return self._accept_run(m, m.forced_tokens())
+        text = m.forced_text()
+        if not text:
+            return []
+        prev = "" if last is None else self.tokenizer.decode([last])
+        ids = self._encode(prev + text)
+        # Jump only where the tokenizer round-trips the text (a partial character or
+        # a SentencePiece prefix space would change it).
+        if "\ufffd" in prev or self.tokenizer.decode(ids) != prev + text:
+            return []
+        if last is None or ids[0] == last:
+            return self._accept_run(m, ids if last is None else ids[1:])
+        m.rollback(1)
+        new = self._accept_run(m, ids)
+        if not new:  # keep the sampled token after all
+            m.accept(last)
+            return []
+        return [None, *new]
+
+    @staticmethod
+    def _accept_run(m: Any, tokens: list[int]) -> list[int]:
+        """Accept ``tokens`` in order; return the prefix the matcher took."""
+        for i, t in enumerate(tokens):
+            if not m.accept(t):
+                return tokens[:i]
+        return list(tokens)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _finish_grammar(self, req: Req) -> None:
+        """The grammar admits nothing more: stop without sampling EOS."""
+        req.detok.finish()
+        self._finish(req, {"type": "stop", "matched": None})
+
     def _append_token(self, req: Req, token: int, logprob_row: torch.Tensor | None) -> None:
         req.output_ids.append(token)
         if req.return_logprob and logprob_row is not None:
@@ -353,7 +461,7 @@ class Scheduler:
 
     def _finish(self, req: Req, reason: dict[str, Any]) -> None:
         """Mark finished and free everything the request holds. The result is sent by
-        the caller (aborts send it here)."""
+        the caller."""
         req.finish_reason = reason
         if req.row is not None:
             # Hand the computed KV to the cache (which frees what it does not keep).
@@ -366,8 +474,6 @@ class Scheduler:
             req.row = None
         self.reserved -= req.reserved_left
         req.reserved_left = 0
-        if reason["type"] == "abort":
-            req.sink(req.make_output())
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from plait.runtime.constrained.bitmask import pack_bitmask, unpack_bitmask
 from plait.runtime.sampler import Sampler, SamplingRow, apply_penalties, filter_logits
 from plait.runtime.sampling_params import SamplingParams
 
@@ -33,7 +34,7 @@ def make_row(
         list(input_ids),
         list(output_ids),
         banned_ids,
-        allowed_mask,
+        None if allowed_mask is None else pack_bitmask(allowed_mask),
         top_logprobs_num,
     )
 
@@ -88,6 +89,12 @@ def test_banned_ids_are_never_drawn_when_sampling():
     ]
     assert 3 not in draws
     assert len(set(draws)) > 5  # the rest stay reachable
+
+
+def test_pack_bitmask_round_trips():
+    allowed = torch.rand(3, 77) < 0.5
+    allowed[0, 31] = True  # the sign bit of a word
+    assert torch.equal(unpack_bitmask(pack_bitmask(allowed), 77), allowed)
 
 
 def test_allowed_mask_restricts_greedy():

@@ -19,7 +19,14 @@ from plait.runtime.constrained.spec import GrammarSpec
 
 
 class Matcher(abc.ABC):
-    """Where one request stands in its grammar."""
+    """Where one request stands in its grammar.
+
+    ``computes_forced_tokens``: ``forced_tokens()`` gives the forced tokens with
+    the token boundary already handled, so jump-forward uses them as they are;
+    otherwise it tokenizes ``forced_text()`` itself.
+    """
+
+    computes_forced_tokens = False
 
     @abc.abstractmethod
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:

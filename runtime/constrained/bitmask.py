@@ -50,6 +50,17 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ~_blocked(bitmask, vocab_size)
 
 
+def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`unpack_bitmask`: bool ``[..., V]`` -> int32 ``[..., ceil(V/32)]``."""
+    vocab = allowed.shape[-1]
+    width = (vocab + 31) // 32
+    padded = torch.zeros(*allowed.shape[:-1], width * 32, dtype=torch.int64)
+    padded[..., :vocab] = allowed.to(torch.int64)
+    weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+    words = (padded.view(*allowed.shape[:-1], width, 32) * weights).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
 def _blocked(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Bool ``[batch, vocab_size]``: True where the token is disallowed."""
     batch = bitmask.shape[0]

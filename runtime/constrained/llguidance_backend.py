@@ -27,7 +27,7 @@ from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 
 from plait.runtime.constrained.base import CompiledGrammar, GrammarBackend, Matcher, split_utf8
 from plait.runtime.constrained.bitmask import row_pointer
-from plait.runtime.constrained.regexes import choices_to_regex
+from plait.runtime.constrained.regexes import ascii_digits, choices_to_regex
 from plait.runtime.constrained.spec import (
     GrammarError,
     GrammarSpec,
@@ -107,7 +107,7 @@ class LlguidanceBackend(GrammarBackend):
                 return llguidance.grammar_from("ebnf", spec.source)  # Lark, or GBNF converted
             if spec.kind == "choices":
                 return LLMatcher.grammar_from_regex(choices_to_regex(spec.value()))
-            return LLMatcher.grammar_from_regex(spec.source)
+            return LLMatcher.grammar_from_regex(ascii_digits(spec.source))
         except ValueError as e:
             raise GrammarError(spec.kind, spec.source, _short(str(e))) from None
 
@@ -137,6 +137,8 @@ class LlguidanceGrammar(CompiledGrammar):
 
 
 class LlguidanceMatcher(Matcher):
+    computes_forced_tokens = True
+
     def __init__(self, matcher: LLMatcher, info: TokenizerInfo):
         self._m = matcher
         self._eos = frozenset(info.eos_token_ids)

@@ -21,7 +21,7 @@ from outlines_core.json_schema import build_regex_from_schema
 from plait.runtime.constrained.base import CompiledGrammar, GrammarBackend, Matcher, split_utf8
 from plait.runtime.constrained.bitmask import row_pointer, set_bits
 from plait.runtime.constrained.jump_forward import CharDFA
-from plait.runtime.constrained.regexes import choices_to_regex
+from plait.runtime.constrained.regexes import ascii_digits, choices_to_regex
 from plait.runtime.constrained.spec import (
     GrammarError,
     GrammarSpec,
@@ -69,7 +69,7 @@ class OutlinesBackend(GrammarBackend):
 
     def _regex(self, spec: GrammarSpec) -> str:
         if spec.kind == "regex":
-            return spec.source
+            return ascii_digits(spec.source)
         if spec.kind == "choices":
             return choices_to_regex(spec.value())
         if spec.kind == "json_schema":

@@ -36,3 +36,45 @@ def escape_regex(text: str) -> str:
 def choices_to_regex(choices: list[str]) -> str:
     """A regex matching exactly one of ``choices``."""
     return "(" + "|".join(escape_regex(c) for c in choices) + ")"
+
+
+def ascii_digits(regex: str) -> str:
+    r"""Read ``\d`` / ``\D`` as ASCII ``[0-9]`` / ``[^0-9]``.
+
+    Rust's regex (both backends) and Python's ``re`` give ``\d`` every Unicode
+    decimal digit; a constrained model then happily writes digits from other
+    scripts. Users of ``\d`` mean 0-9, as outlines and SGLang treat it.
+    """
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(regex):
+        ch = regex[i]
+        if ch == "\\" and i + 1 < len(regex):
+            nxt = regex[i + 1]
+            if nxt == "d":
+                out.append("0-9" if in_class else "[0-9]")
+            elif nxt == "D" and not in_class:
+                out.append("[^0-9]")
+            else:
+                out.append(regex[i : i + 2])  # other escapes, and \D inside a class
+            i += 2
+            continue
+        if ch == "[" and not in_class:
+            in_class = True
+            out.append(ch)
+            # A ']' right after '[' or '[^' is a literal, not the end of the class.
+            j = i + 1
+            if j < len(regex) and regex[j] == "^":
+                out.append("^")
+                j += 1
+            if j < len(regex) and regex[j] == "]":
+                out.append("]")
+                j += 1
+            i = j
+            continue
+        if ch == "]" and in_class:
+            in_class = False
+        out.append(ch)
+        i += 1
+    return "".join(out)
