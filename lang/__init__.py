@@ -1,15 +1,95 @@
 """plait: a structured-generation agent runtime with a Python frontend DSL.
 
-``import plait as pl`` gives the language; the runtime behind it is imported
-only when first used.
+``import plait as pl`` gives the language::
+
+    @pl.function
+    def ask(s, question):
+        s += pl.system("You answer briefly.")
+        s += pl.user(question)
+        s += pl.assistant(pl.gen("answer", max_tokens=64))
+
+    state = ask.run(question="What is 7 * 6?")
+    state["answer"]
+
+The runtime behind it (``pl.Engine``) is imported only when first used.
 """
 
 from __future__ import annotations
 
+from plait.api import (
+    assistant,
+    assistant_begin,
+    assistant_end,
+    flush_cache,
+    gen,
+    gen_float,
+    gen_int,
+    gen_string,
+    get_server_info,
+    image,
+    select,
+    system,
+    system_begin,
+    system_end,
+    user,
+    user_begin,
+    user_end,
+)
+from plait.backend import (
+    Backend,
+    BackendError,
+    EngineBackend,
+    RuntimeEndpoint,
+    get_default_backend,
+    set_default_backend,
+)
+from plait.chat_template import ChatTemplate
+from plait.choices import (
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
+from plait.function import Function, function
+from plait.interpreter import ProgramState, ProgramStateGroup
 from plait.runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "SamplingParams", "__version__"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "ChatTemplate",
+    "Engine",
+    "EngineBackend",
+    "Function",
+    "ProgramState",
+    "ProgramStateGroup",
+    "RuntimeEndpoint",
+    "SamplingParams",
+    "__version__",
+    "assistant",
+    "assistant_begin",
+    "assistant_end",
+    "flush_cache",
+    "function",
+    "gen",
+    "gen_float",
+    "gen_int",
+    "gen_string",
+    "get_default_backend",
+    "get_server_info",
+    "greedy_token_selection",
+    "image",
+    "select",
+    "set_default_backend",
+    "system",
+    "system_begin",
+    "system_end",
+    "token_length_normalized",
+    "unconditional_likelihood_normalized",
+    "user",
+    "user_begin",
+    "user_end",
+]
 
 
 def __getattr__(name: str):

@@ -3,6 +3,7 @@
 plait generate "The capital of France is" --max-new-tokens 16
 plait bench engine --threads 2
 plait bench prefix --threads 2
+plait bench grammar --threads 2
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def _bench(a: argparse.Namespace) -> int:
         from plait.runtime import bench
 
         return bench.main(a)
+    if a.workload == "grammar":
+        from plait.runtime import bench_grammar
+
+        return bench_grammar.main(a)
     from plait.runtime import bench_prefix
 
     return bench_prefix.main(a)
@@ -93,12 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks against HF transformers")
     b.add_argument(
         "workload",
-        choices=["engine", "few-shot", "multi-turn", "fork", "prefix"],
-        help="engine: raw speed; few-shot, multi-turn, fork: prefix reuse; prefix: all three",
+        choices=["engine", "few-shot", "multi-turn", "fork", "prefix", "grammar"],
+        help="engine: raw speed; few-shot, multi-turn, fork: prefix reuse; prefix: all three; "
+        "grammar: constrained decoding",
     )
     _engine_args(b)
     b.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
     b.add_argument("--skip-hf", action="store_true", help="measure plait only")
+    from plait.runtime.bench_grammar import add_arguments as add_grammar_arguments
+
+    add_grammar_arguments(b)
     b.set_defaults(func=_bench)
     return parser
 

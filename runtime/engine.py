@@ -13,7 +13,6 @@ thread, so bad input raises there and never reaches the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import pathlib
 import queue
@@ -272,8 +271,10 @@ class Engine:
         self.shutdown()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self.shutdown()
+        except Exception:  # noqa: SIM105 -- at exit, contextlib may already be gone
+            pass
 
     # ---- requests --------------------------------------------------------------
 

@@ -1,0 +1,227 @@
+"""The primitives a program appends: ``gen``, ``select``, ``image`` and the roles.
+
+Names and parameters follow SGLang's frontend, so its programs run unchanged.
+``gen`` maps ``max_tokens``/``min_tokens`` onto ``max_new_tokens``/
+``min_new_tokens``; a parameter left ``None`` inherits the run's default.
+Parameters are checked here, when the program builds the expression, so a bad
+value fails in the program's own line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from plait.backend import Backend, as_backend, get_default_backend
+from plait.choices import ChoicesMethod, resolve_method, token_length_normalized
+from plait.ir import Expr, ExprList, Gen, Image, RoleBegin, RoleEnd, Select, to_expr
+from plait.runtime.constrained.regexes import BOOL_REGEX, FLOAT_REGEX, INT_REGEX, STRING_REGEX
+from plait.runtime.errors import RequestError
+from plait.runtime.sampling_params import SamplingParams
+
+_DTYPE_REGEX = {int: INT_REGEX, float: FLOAT_REGEX, bool: BOOL_REGEX, str: STRING_REGEX}
+_DTYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def gen(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    min_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | list[str] | None = None,
+    stop_token_ids: list[int] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    seed: int | None = None,
+    return_logprob: bool | None = None,
+    logprob_start_len: int | None = None,
+    top_logprobs_num: int | None = None,
+    return_text_in_logprobs: bool | None = None,
+    dtype: type | str | None = None,
+    choices: list[str] | None = None,
+    choices_method: ChoicesMethod | str | None = None,
+    regex: str | None = None,
+    json_schema: Any = None,
+    ebnf: str | None = None,
+) -> Expr:
+    """Generate into variable ``name``. With ``choices`` it is ``select``; ``dtype``
+    (int, float, bool, str) constrains the text to that JSON literal; ``json_schema``
+    may be a dict, a JSON string or a pydantic model class (then ``s.parsed(name)``
+    is the validated object)."""
+    if choices is not None:
+        return select(name, choices, temperature or 0.0, choices_method)
+    constraints = [
+        k
+        for k, v in (
+            ("regex", regex),
+            ("json_schema", json_schema),
+            ("ebnf", ebnf),
+            ("dtype", dtype),
+        )
+        if v is not None
+    ]
+    if len(constraints) > 1:
+        raise RequestError(
+            constraints[1],
+            locals()[constraints[1]],
+            f"give only one of regex, json_schema, ebnf, dtype; got {constraints}",
+        )
+    py_type = None
+    if dtype is not None:
+        py_type = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if py_type not in _DTYPE_REGEX:
+            raise RequestError("dtype", dtype, "expected int, float, bool or str")
+        regex = _DTYPE_REGEX[py_type]
+        if py_type in (int, float):
+            # As SGLang does: a number may end at a space or newline (often likelier for
+            # a model than ending the text), which then stops the gen and is cut.
+            regex += "[ \n]*"
+            stop = [*([stop] if isinstance(stop, str) else stop or []), " ", "\n"]
+    elif regex is not None:
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise RequestError("regex", regex, f"bad regex syntax: {e}") from None
+    schema_model = None
+    if json_schema is not None and hasattr(json_schema, "model_json_schema"):
+        schema_model, json_schema = json_schema, _closed(json_schema.model_json_schema())
+    params = {
+        "max_new_tokens": max_tokens,
+        "min_new_tokens": min_tokens,
+        "n": n,
+        "stop": stop,
+        "stop_token_ids": stop_token_ids,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "frequency_penalty": frequency_penalty,
+        "presence_penalty": presence_penalty,
+        "repetition_penalty": repetition_penalty,
+        "ignore_eos": ignore_eos,
+        "seed": seed,
+        "regex": regex,
+        "json_schema": json_schema,
+        "ebnf": ebnf,
+    }
+    params = {k: v for k, v in params.items() if v is not None}
+    SamplingParams.from_dict(dict(params)).verify()  # names the bad field, here
+    return Gen(
+        name,
+        params,
+        dtype=py_type,
+        schema_model=schema_model,
+        return_logprob=return_logprob,
+        logprob_start_len=logprob_start_len,
+        top_logprobs_num=top_logprobs_num,
+        return_text_in_logprobs=return_text_in_logprobs,
+    )
+
+
+def _closed(schema: Any) -> Any:
+    """A pydantic schema with no keys beyond the model's fields: objects that do not
+    say otherwise get ``additionalProperties: false`` (as OpenAI's structured
+    outputs require), so generation does not spend tokens on keys pydantic drops."""
+    if isinstance(schema, dict):
+        schema = {k: _closed(v) for k, v in schema.items()}
+        if schema.get("type") == "object" and "properties" in schema:
+            schema.setdefault("additionalProperties", False)
+    elif isinstance(schema, list):
+        schema = [_closed(v) for v in schema]
+    return schema
+
+
+def gen_int(name: str | None = None, **kwargs: Any) -> Expr:
+    return gen(name, dtype=int, **kwargs)
+
+
+def gen_float(name: str | None = None, **kwargs: Any) -> Expr:
+    return gen(name, dtype=float, **kwargs)
+
+
+def gen_string(name: str | None = None, **kwargs: Any) -> Expr:
+    """A JSON string literal (quoted); ``s.parsed(name)`` is the Python str."""
+    return gen(name, dtype=str, **kwargs)
+
+
+def select(
+    name: str | None = None,
+    choices: list[str] | None = None,
+    temperature: float = 0.0,
+    choices_method: ChoicesMethod | str | None = token_length_normalized,
+) -> Expr:
+    """Append the choice the model finds most likely after the text so far (scored in
+    one batched request that reuses the cached prefix; see plait.choices)."""
+    if not choices or not all(isinstance(c, str) for c in choices):
+        raise RequestError("choices", choices, "select needs a non-empty list of strings")
+    if temperature is None or temperature < 0:
+        raise RequestError("temperature", temperature, "must be >= 0")
+    return Select(name, list(choices), float(temperature), resolve_method(choices_method))
+
+
+def image(source: Any) -> Expr:
+    """An image in the current turn: a path, bytes, a base64 string or data URL, or
+    a PIL image. Several per turn are allowed."""
+    from plait.multimodal.image import load_image
+
+    return Image(load_image(source))
+
+
+def _role(role: str, expr: Any) -> Expr:
+    if expr is None:
+        return ExprList([RoleBegin(role), RoleEnd(role)])
+    return ExprList([RoleBegin(role), to_expr(expr), RoleEnd(role)])
+
+
+def system(expr: Any = None) -> Expr:
+    return _role("system", expr)
+
+
+def user(expr: Any = None) -> Expr:
+    return _role("user", expr)
+
+
+def assistant(expr: Any = None) -> Expr:
+    return _role("assistant", expr)
+
+
+def system_begin() -> Expr:
+    return RoleBegin("system")
+
+
+def system_end() -> Expr:
+    return RoleEnd("system")
+
+
+def user_begin() -> Expr:
+    return RoleBegin("user")
+
+
+def user_end() -> Expr:
+    return RoleEnd("user")
+
+
+def assistant_begin() -> Expr:
+    return RoleBegin("assistant")
+
+
+def assistant_end() -> Expr:
+    return RoleEnd("assistant")
+
+
+def flush_cache(backend: Any = None) -> bool:
+    return _backend(backend).flush_cache()
+
+
+def get_server_info(backend: Any = None) -> dict[str, Any]:
+    return _backend(backend).get_server_info()
+
+
+def _backend(backend: Any) -> Backend:
+    return as_backend(backend) if backend is not None else get_default_backend()

@@ -1,0 +1,578 @@
+"""Running a program: the state ``s`` and the executor behind it.
+
+Each :class:`ProgramState` owns an executor with a worker thread and a queue.
+``s += expr`` only enqueues, so it never blocks; the worker appends text,
+calls the backend for ``gen`` / ``select``, and sets one event per variable.
+``s["x"]`` waits for the event of ``x`` and nothing else, so a program can
+start several generations before reading any of them. ``fork`` caches the text
+so far on the backend (a ``max_new_tokens=0`` request), then gives each branch
+its own executor and thread: the branches run concurrently and every one of
+them starts from the cached prefix. An error in the worker is kept and raised
+in the caller at the next read, with the worker's traceback.
+
+A tracing executor runs synchronously and stops at the first thing that is
+not constant text; the text up to there is the program's cacheable prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import queue
+import random
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from plait.backend import Backend, BackendError
+from plait.choices import resolve_method
+from plait.ir import (
+    Argument,
+    ConcatForks,
+    Expr,
+    ExprList,
+    Flush,
+    Gen,
+    Image,
+    RoleBegin,
+    RoleEnd,
+    Select,
+    Text,
+    VarScopeBegin,
+    VarScopeEnd,
+    to_expr,
+)
+
+
+class StopTracing(Exception):
+    """Raised inside a traced program at the first non-constant step."""
+
+
+def _flatten(expr: Expr) -> Iterator[Expr]:
+    if isinstance(expr, ExprList):
+        for item in expr.items:
+            yield from _flatten(item)
+    else:
+        yield expr
+
+
+class StreamExecutor:
+    def __init__(
+        self,
+        backend: Backend,
+        defaults: dict[str, Any],
+        stream: bool = False,
+        tracing: bool = False,
+    ):
+        self.backend = backend
+        self.template = backend.chat_template
+        self.defaults = defaults  # the run's sampling parameters, under each gen's own
+        self.stream = stream
+        self.tracing = tracing
+        self.text_ = ""
+        self.messages_: list[dict[str, Any]] = []
+        self.variables: dict[str, Any] = {}
+        self.var_events: dict[str, threading.Event] = {}
+        self.meta_info: dict[str, Any] = {}
+        self.gens: dict[str, Gen] = {}  # how each variable was generated (for parsed())
+        self.cur_role: str | None = None
+        self.cur_role_begin = 0
+        self.cur_images: list[Any] = []
+        self.scopes: dict[str, int] = {}
+        self.fork_start = 0
+        self.error: BaseException | None = None
+        self.finished = False
+        self.cond = threading.Condition()  # wakes streaming readers
+        self._queue: queue.Queue = queue.Queue()
+        if not tracing:
+            threading.Thread(target=self._work, name="plait-program", daemon=True).start()
+
+    # ---- the caller's side --------------------------------------------------------
+
+    def submit(self, expr: Any) -> None:
+        expr = to_expr(expr)
+        for e in _flatten(expr):
+            name = e.name if isinstance(e, (Gen, Select, VarScopeBegin)) else None
+            if name is not None:
+                self.var_events[name] = threading.Event()
+        if self.tracing:
+            self._execute(expr)
+        else:
+            self._queue.put(expr)
+
+    def sync(self) -> None:
+        """Wait until everything submitted has run; raise the worker's error."""
+        if not self.tracing:
+            self._queue.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def end(self) -> None:
+        if not self.tracing:
+            self._queue.put(None)
+
+    def get_var(self, name: str) -> Any:
+        if self.tracing:
+            raise StopTracing(name)
+        event = self.var_events.get(name)
+        if event is None and name not in self.variables:
+            raise KeyError(f"no variable {name!r}; known: {sorted(self.variables)}")
+        if event is not None:
+            event.wait()
+        self.raise_error()
+        return self.variables[name]
+
+    def set_var(self, name: str, value: Any) -> None:
+        with self.cond:
+            self.variables[name] = value
+            self.var_events.setdefault(name, threading.Event()).set()
+            self.cond.notify_all()
+
+    def fork(self, size: int) -> list[StreamExecutor]:
+        if self.tracing:
+            raise StopTracing("fork")
+        if size > 1:
+            self.submit(Flush())  # every branch then starts from the cached prefix
+        self.sync()
+        children = []
+        for _ in range(size):
+            child = StreamExecutor(self.backend, self.defaults, self.stream)
+            child.text_ = self.text_
+            child.messages_ = [dict(m) for m in self.messages_]
+            child.variables = dict(self.variables)
+            child.var_events = {k: _set_event() for k in self.variables}
+            child.meta_info = dict(self.meta_info)
+            child.gens = dict(self.gens)
+            child.cur_role, child.cur_role_begin = self.cur_role, self.cur_role_begin
+            child.cur_images = list(self.cur_images)
+            child.fork_start = len(self.text_)
+            children.append(child)
+        return children
+
+    # ---- the worker -----------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            expr = self._queue.get()
+            try:
+                if expr is None:
+                    return
+                if self.error is None:
+                    self._execute(expr)
+            except Exception as e:  # kept, and raised in the caller at its next read
+                with self.cond:
+                    self.error = e
+                    for event in self.var_events.values():
+                        event.set()
+                    self.cond.notify_all()
+            finally:
+                if expr is None:
+                    with self.cond:
+                        self.finished = True
+                        self.cond.notify_all()
+                self._queue.task_done()
+
+    def _execute(self, expr: Expr) -> None:
+        for e in _flatten(expr):
+            handler = getattr(self, "_run_" + type(e).__name__)
+            handler(e)
+
+    def _fill(self, text: str) -> None:
+        with self.cond:
+            self.text_ += text
+            self.cond.notify_all()
+
+    def _run_Argument(self, e: Argument) -> None:
+        raise StopTracing(e.name)
+
+    def _run_Text(self, e: Text) -> None:
+        self._fill(e.value)
+
+    def _run_RoleBegin(self, e: RoleBegin) -> None:
+        if self.cur_role is not None:
+            raise ValueError(f"{e.role}() inside {self.cur_role}(): roles do not nest")
+        t = self.template
+        if not self.text_:
+            self._fill(t.begin)
+            if t.default_system_prompt is not None and e.role != "system":
+                self._fill(t.prefix("system") + t.default_system_prompt + t.suffix("system"))
+                self.messages_.append({"role": "system", "content": t.default_system_prompt})
+        self._fill(t.prefix(e.role))
+        self.cur_role, self.cur_role_begin = e.role, len(self.text_)
+
+    def _run_RoleEnd(self, e: RoleEnd) -> None:
+        if self.cur_role != e.role:
+            raise ValueError(f"{e.role}_end() without {e.role}_begin()")
+        content: Any = self.text_[self.cur_role_begin :]
+        if self.cur_images:
+            content = [{"type": "text", "text": content}] + [
+                {"type": "image_url", "image_url": {"url": img.to_data_url()}}
+                for img in self.cur_images
+            ]
+        self._fill(self.template.suffix(e.role))
+        self.messages_.append({"role": e.role, "content": content})
+        self.cur_role, self.cur_images = None, []
+
+    def _run_VarScopeBegin(self, e: VarScopeBegin) -> None:
+        self.scopes[e.name] = len(self.text_)
+
+    def _run_VarScopeEnd(self, e: VarScopeEnd) -> None:
+        self.set_var(e.name, self.text_[self.scopes.pop(e.name) :])
+
+    def _run_Image(self, e: Image) -> None:
+        if self.tracing:
+            raise StopTracing("image")
+        if not self.backend.supports_images:
+            raise ValueError(
+                f"image(): the model {self.backend.model_name} is text-only; images need a "
+                "vision-language model"
+            )
+        self.cur_images.append(e.source)
+        self._fill(self.template.image_token)
+
+    def _run_Flush(self, e: Flush) -> None:
+        if self.tracing:
+            raise StopTracing("flush")
+        if self.text_:
+            self.backend.generate(self.text_, {"max_new_tokens": 0})
+
+    def _run_ConcatForks(self, e: ConcatForks) -> None:
+        for child in e.states:
+            child.sync()
+            self._fill(child.text_[child.fork_start :])
+
+    # ---- gen ---------------------------------------------------------------------------
+
+    def _sampling_params(self, e: Gen) -> dict[str, Any]:
+        params = {**self.defaults, **e.params}
+        if self.cur_role == "assistant" and self.template.stop_str:
+            stop = params.get("stop") or []
+            stop = [stop] if isinstance(stop, str) else list(stop)
+            params["stop"] = stop + [s for s in self.template.stop_str if s not in stop]
+        return params
+
+    def _run_Gen(self, e: Gen) -> None:
+        if self.tracing:
+            raise StopTracing("gen")
+        params = self._sampling_params(e)
+        options = {
+            "return_logprob": e.return_logprob,
+            "logprob_start_len": e.logprob_start_len,
+            "top_logprobs_num": e.top_logprobs_num,
+            "return_text_in_logprobs": e.return_text_in_logprobs,
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        if self.stream and params.get("n", 1) == 1:
+            value, meta = "", None
+            for piece in self.backend.generate_stream(self.text_, params, **options):
+                value += piece["text"]
+                meta = piece["meta_info"]
+                with self.cond:
+                    if e.name is not None:
+                        self.variables[e.name] = value
+                    self._fill(piece["text"])
+            _check_finish(meta)
+        else:
+            out = self.backend.generate(self.text_, params, **options)
+            if isinstance(out, list):  # n > 1: the first continues the text
+                for o in out:
+                    _check_finish(o["meta_info"])
+                value, meta = [o["text"] for o in out], [o["meta_info"] for o in out]
+                self._fill(value[0])
+            else:
+                _check_finish(out["meta_info"])
+                value, meta = out["text"], out["meta_info"]
+                self._fill(value)
+        if e.name is not None:
+            self.meta_info[e.name] = meta
+            self.gens[e.name] = e
+            self.set_var(e.name, value)
+
+    # ---- select ------------------------------------------------------------------------
+
+    def _run_Select(self, e: Select) -> None:
+        if self.tracing:
+            raise StopTracing("select")
+        method = resolve_method(e.choices_method)
+        token_lps, entries = self._choice_logprobs(e.choices)
+        unconditional = None
+        if method.needs_unconditional:
+            outs = self.backend.generate(
+                None,
+                {"max_new_tokens": 0},
+                input_ids=[[t for _, t, _ in ent] for ent in entries],
+                return_logprob=True,
+                logprob_start_len=0,
+            )
+            unconditional = [
+                [lp or 0.0 for lp, _, _ in o["meta_info"]["input_token_logprobs"]] for o in outs
+            ]
+        scores = method(token_lps, unconditional)
+        index = scores.index
+        if e.temperature > 0:
+            index = _sample(scores.meta_info["normalized_prompt_logprobs"], e.temperature)
+        decision = e.choices[index]
+        self._fill(decision)
+        if e.name is not None:
+            self.meta_info[e.name] = {
+                **scores.meta_info,
+                "input_token_logprobs": entries,
+                "output_token_logprobs": [[] for _ in e.choices],
+                "choices_method": method.name,
+            }
+            self.set_var(e.name, decision)
+
+    def _choice_logprobs(self, choices: list[str]) -> tuple[list[list[float]], list[list]]:
+        """Per choice, the logprobs (and [logprob, id, text] entries) of its tokens after
+        the current text: one request caches the text, one batched request scores
+        ``text + choice`` for every choice starting from the cached prefix."""
+        prefix = self.text_
+        n_prefix, last_token = 0, None
+        if prefix:
+            pre = self.backend.generate(prefix, {"max_new_tokens": 0}, return_logprob=True)
+            n_prefix = pre["meta_info"]["prompt_tokens"]
+            last_token = pre["meta_info"]["input_token_logprobs"][-1][1]
+        # Start two tokens early: joining text and choice may re-tokenize the boundary.
+        start = max(n_prefix - 2, 0)
+        outs = self.backend.generate(
+            [prefix + c for c in choices],
+            {"max_new_tokens": 0, "temperature": 0.0},
+            return_logprob=True,
+            logprob_start_len=start,
+            return_text_in_logprobs=True,
+        )
+        token_lps, entries = [], []
+        for out in outs:
+            ent = out["meta_info"]["input_token_logprobs"]
+            # The choice starts at the first token the prefix alone does not have: the
+            # token after the prefix, or the prefix's last token if it merged with it.
+            first = n_prefix
+            boundary = n_prefix - 1 - start
+            if prefix and not (0 <= boundary < len(ent) and ent[boundary][1] == last_token):
+                first = n_prefix - 1
+            mine = ent[max(first - start, 0) :] or ent[-1:]
+            entries.append(mine)
+            token_lps.append([lp for lp, _, _ in mine if lp is not None])
+        return token_lps, entries
+
+
+def _check_finish(meta: dict[str, Any] | None) -> None:
+    reason = (meta or {}).get("finish_reason") or {}
+    if reason.get("type") == "abort":
+        raise BackendError(f"generation aborted: {reason.get('message', 'no reason given')}")
+
+
+def _sample(scores: list[float], temperature: float) -> int:
+    top = max(scores)
+    weights = [math.exp((s - top) / temperature) for s in scores]
+    return random.choices(range(len(scores)), weights=weights)[0]
+
+
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
+# ---- the state a program sees --------------------------------------------------------------
+
+
+class ProgramState:
+    """``s`` in ``def program(s, ...)``."""
+
+    def __init__(self, executor: StreamExecutor):
+        self.executor = executor
+        self.ret_value: Any = None
+
+    # appending and variables
+    def __iadd__(self, expr: Any) -> ProgramState:
+        if expr is None:
+            raise ValueError("cannot append None to a program state")
+        self.executor.submit(expr)
+        return self
+
+    def __getitem__(self, name: str) -> Any:
+        return self.executor.get_var(name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.executor.set_var(name, value)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.executor.var_events or name in self.executor.variables
+
+    # roles and scopes
+    def system(self, expr: Any = None):
+        return self._role("system", expr)
+
+    def user(self, expr: Any = None):
+        return self._role("user", expr)
+
+    def assistant(self, expr: Any = None):
+        return self._role("assistant", expr)
+
+    def _role(self, role: str, expr: Any):
+        if expr is not None:
+            self.executor.submit(ExprList([RoleBegin(role), to_expr(expr), RoleEnd(role)]))
+            return None
+        return self._role_block(role)
+
+    @contextlib.contextmanager
+    def _role_block(self, role: str):
+        self.executor.submit(RoleBegin(role))
+        yield
+        self.executor.submit(RoleEnd(role))
+
+    @contextlib.contextmanager
+    def var_scope(self, name: str):
+        """Everything appended inside the block becomes variable ``name``."""
+        self.executor.submit(VarScopeBegin(name))
+        yield
+        self.executor.submit(VarScopeEnd(name))
+
+    # reading
+    def text(self) -> str:
+        self.executor.sync()
+        return self.executor.text_
+
+    def messages(self) -> list[dict[str, Any]]:
+        self.executor.sync()
+        return [dict(m) for m in self.executor.messages_]
+
+    def sync(self) -> None:
+        self.executor.sync()
+
+    def error(self) -> BaseException | None:
+        return self.executor.error
+
+    def get_meta_info(self, name: str) -> Any:
+        self.executor.get_var(name)
+        return self.executor.meta_info.get(name)
+
+    def parsed(self, name: str) -> Any:
+        """Variable ``name`` as a Python value: the validated pydantic object of a
+        ``gen(json_schema=Model)``, the parsed JSON of a schema gen, the number or
+        bool of a typed gen; plain text otherwise."""
+        value = self.executor.get_var(name)
+        gen = self.executor.gens.get(name)
+        if gen is None or isinstance(value, list):
+            return value
+        if gen.schema_model is not None:
+            return gen.schema_model.model_validate_json(value)
+        if gen.dtype is not None or "json_schema" in gen.params:
+            return json.loads(value)
+        return value
+
+    # forks
+    def fork(self, size: int = 1) -> ProgramStateGroup:
+        children = [ProgramState(c) for c in self.executor.fork(size)]
+        return ProgramStateGroup(children, self)
+
+    # streaming
+    def text_iter(self, var_name: str | None = None) -> Iterator[str]:
+        """The text (or one variable) as it grows; one piece when not streaming."""
+        ex = self.executor
+        if not ex.stream:
+            yield self.text() if var_name is None else self[var_name]
+            return
+        pos = 0
+        while True:
+            with ex.cond:
+                ex.cond.wait_for(lambda p=pos: self._grown(var_name, p) or self._done(var_name))
+                current = ex.text_ if var_name is None else ex.variables.get(var_name, "")
+                done = self._done(var_name) and not self._grown(var_name, pos)
+            if len(current) > pos:
+                yield current[pos:]
+                pos = len(current)
+            if done:
+                break
+        ex.raise_error()
+
+    def _grown(self, var_name: str | None, pos: int) -> bool:
+        ex = self.executor
+        current = ex.text_ if var_name is None else ex.variables.get(var_name, "")
+        return isinstance(current, str) and len(current) > pos
+
+    def _done(self, var_name: str | None) -> bool:
+        ex = self.executor
+        if ex.finished or ex.error is not None:
+            return True
+        event = ex.var_events.get(var_name) if var_name is not None else None
+        return event is not None and event.is_set()
+
+    async def text_async_iter(
+        self, var_name: str | None = None, return_meta_data: bool = False
+    ) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        it = self.text_iter(var_name)
+        done = object()
+        while True:
+            piece = await loop.run_in_executor(None, next, it, done)
+            if piece is done:
+                return
+            if return_meta_data:
+                meta = self.executor.meta_info.get(var_name) if var_name else None
+                yield piece, meta
+            else:
+                yield piece
+
+    def __repr__(self) -> str:
+        return f"ProgramState({self.text()!r})"
+
+
+class ProgramStateGroup:
+    """The branches of ``s.fork(n)``."""
+
+    def __init__(self, states: list[ProgramState], parent: ProgramState):
+        self.states = states
+        self.parent = parent
+        self._parent_vars = set(parent.executor.variables)
+
+    def __getitem__(self, i: int) -> ProgramState:
+        return self.states[i]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __iter__(self) -> Iterator[ProgramState]:
+        return iter(self.states)
+
+    def __iadd__(self, other: Any) -> ProgramStateGroup:
+        """``forks += expr`` (to every branch), a list (one per branch), or a
+        function of the branch index."""
+        if callable(other) and not isinstance(other, Expr):
+            for i, s in enumerate(self.states):
+                s += other(i)
+        elif isinstance(other, (list, tuple)):
+            if len(other) != len(self.states):
+                raise ValueError(f"{len(other)} expressions for {len(self.states)} branches")
+            for s, x in zip(self.states, other):
+                s += x
+        else:
+            for s in self.states:
+                s += other
+        return self
+
+    def join(self, mode: str = "gather_variable") -> None:
+        """``gather_variable``: each variable the branches made lands in the parent as
+        a list (one value per branch). ``concate_and_append``: the branches' text is
+        appended to the parent's."""
+        if mode == "gather_variable":
+            for s in self.states:
+                s.sync()
+            names = []
+            for s in self.states:
+                names += [k for k in s.executor.variables if k not in self._parent_vars]
+            for name in dict.fromkeys(names):
+                self.parent[name] = [s.executor.variables.get(name) for s in self.states]
+        elif mode == "concate_and_append":
+            self.parent.executor.submit(ConcatForks([s.executor for s in self.states]))
+            self.parent.sync()
+        else:
+            raise ValueError(f"join mode={mode!r}: use 'gather_variable' or 'concate_and_append'")
+        for s in self.states:
+            s.executor.end()

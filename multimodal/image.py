@@ -1,0 +1,93 @@
+"""Images as the runtime receives them: loaded from any accepted form and
+identified by content.
+
+Accepted sources: a file path (str or ``os.PathLike``), raw bytes, a base64
+string or ``data:image/...;base64,`` URL, or a PIL image. The content hash
+(SHA-256 of the decoded RGB pixels and the size) is what the prefix cache and
+the vision-embedding cache will key on, so the same picture sent as a path or
+as base64 is the same image.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An image source that cannot be loaded; the message names the source."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    image: PILImage.Image  # RGB
+    content_hash: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def to_data_url(self, fmt: str = "PNG") -> str:
+        buf = io.BytesIO()
+        self.image.save(buf, format=fmt)
+        mime = "jpeg" if fmt.upper() == "JPEG" else fmt.lower()
+        return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def load_image(source: Any) -> LoadedImage:
+    """Load ``source`` (path, bytes, base64 / data URL, PIL image) as RGB."""
+    if isinstance(source, LoadedImage):
+        return source
+    if isinstance(source, PILImage.Image):
+        image = source
+    elif isinstance(source, (bytes, bytearray)):
+        image = _open(bytes(source), "<bytes>")
+    elif isinstance(source, (str, os.PathLike)):
+        image = _from_string(os.fspath(source))
+    else:
+        raise ImageError(
+            f"image source of type {type(source).__name__}: expected a path, bytes, "
+            "a base64 string or data URL, or a PIL image"
+        )
+    rgb = image.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}:".encode() + rgb.tobytes())
+    return LoadedImage(rgb, digest.hexdigest())
+
+
+def _from_string(text: str) -> PILImage.Image:
+    if text.startswith("data:"):
+        _, _, payload = text.partition(",")
+        return _open(_b64(payload, text), "data URL")
+    if os.path.exists(text):
+        with open(text, "rb") as f:
+            return _open(f.read(), text)
+    if len(text) > 64 and "/" not in text[:8]:
+        try:
+            return _open(_b64(text, text), "base64 string")
+        except ImageError:
+            pass
+    raise ImageError(f"image source {text[:80]!r}: no such file, and not base64 image data")
+
+
+def _b64(payload: str, shown: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"image source {shown[:80]!r}: bad base64 ({e})") from None
+
+
+def _open(data: bytes, shown: str) -> PILImage.Image:
+    try:
+        image = PILImage.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"image source {shown[:80]!r}: not a readable image ({e})") from None
+    return image
