@@ -271,9 +271,10 @@ class Engine:
         self.shutdown()
 
     def __del__(self) -> None:
-        try:
+        # Not contextlib.suppress: at interpreter exit that module may be torn down.
+        try:  # noqa: SIM105
             self.shutdown()
-        except Exception:  # noqa: SIM105 -- at exit, contextlib may already be gone
+        except Exception:
             pass
 
     # ---- requests --------------------------------------------------------------
