@@ -1,45 +1,52 @@
-"""Quickstart: the embedded engine with the default model (SmolLM2-135M-Instruct),
-offline, on CPU. A two-step agent: answer a question, then extract the answer
-as JSON from that conversation.
+"""Quickstart: an agent program on the embedded engine with the default model
+(SmolLM2-135M-Instruct), offline, on CPU. It answers a question, then extracts
+the answer from that same conversation as JSON that fits a schema -- the second
+turn reuses the first turn's KV cache.
 
     python examples/quickstart.py
 """
 
 from __future__ import annotations
 
-import json
 import time
 
-import plait
+from pydantic import BaseModel
+
+import plait as pl
+
+
+class Place(BaseModel):
+    city: str
+    country: str
+
+
+@pl.function
+def agent(s, question):
+    s += pl.system("You are a helpful assistant. Answer briefly.")
+    s += pl.user(question)
+    s += pl.assistant(pl.gen("answer", max_tokens=64))
+    s += pl.user("Give the city and country from your answer as JSON.")
+    s += pl.assistant(pl.gen("place", json_schema=Place, max_tokens=48))
 
 
 def main() -> None:
     t0 = time.perf_counter()
-    with plait.Engine(model="smollm2") as engine:
-        print(
-            f"engine ready in {time.perf_counter() - t0:.1f}s "
-            f"({engine.model_config.architecture}, {engine.device}, {engine.dtype})"
-        )
-        messages = [
-            {"role": "user", "content": "What is the capital of France?"},
-        ]
-        greedy = {"temperature": 0, "max_new_tokens": 64}
-        answer = engine.generate(engine.apply_chat_template(messages), greedy)
-        print("answer:", answer["text"])
+    engine = pl.Engine(model="smollm2")  # also what runs when no backend is set
+    pl.set_default_backend(engine)
+    print(f"engine ready in {time.perf_counter() - t0:.1f}s ({engine.device}, {engine.dtype})")
 
-        messages += [
-            {"role": "assistant", "content": answer["text"]},
-            {
-                "role": "user",
-                "content": 'Reply with JSON only, like {"city": "...", "country": "..."}.',
-            },
-        ]
-        prompt = engine.apply_chat_template(messages) + '{"city": "'
-        extracted = engine.generate(prompt, {**greedy, "stop": ["}"]})
-        text = '{"city": "' + extracted["text"] + "}"
-        print("json:", json.dumps(json.loads(text)))
-        meta = extracted["meta_info"]
-        print(f"{meta['completion_tokens']} tokens in {meta['e2e_latency']:.2f}s")
+    t1 = time.perf_counter()
+    state = agent.run(question="What is the capital of France?", temperature=0)
+    print("answer:", state["answer"])
+    place = state.parsed("place")  # a validated Place
+    print("json:  ", state["place"], "->", repr(place))
+    meta = state.get_meta_info("place")
+    print(
+        f"second turn reused {meta['cached_tokens']} of {meta['prompt_tokens']} prompt tokens; "
+        f"jump-forward wrote {meta['forced_tokens']} of its {meta['completion_tokens']} tokens"
+    )
+    print(f"program ran in {time.perf_counter() - t1:.2f}s")
+    engine.shutdown()
 
 
 if __name__ == "__main__":

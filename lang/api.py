@@ -79,9 +79,10 @@ def gen(
             raise RequestError("dtype", dtype, "expected int, float, bool or str")
         regex = _DTYPE_REGEX[py_type]
         if py_type in (int, float):
-            # As SGLang does: a number may end at a space or newline (often likelier for
-            # a model than ending the text), which then stops the gen and is cut.
-            regex += "[ \n]*"
+            # The number may be followed by a space or newline and then anything: the
+            # stop strings cut the text there. So a model may end the number with a
+            # token like " hours" instead of being cornered into more digits.
+            regex += "([ \\n][\\s\\S]*)?"
             stop = [*([stop] if isinstance(stop, str) else stop or []), " ", "\n"]
     elif regex is not None:
         try:

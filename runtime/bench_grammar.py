@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import re
 import statistics
@@ -101,14 +102,14 @@ PERSON_SCHEMA = {
     "additionalProperties": False,
 }
 PEOPLE = [
-    "Maria, a 21-year-old biology student in Lisbon",
-    "Tom, a 45-year-old carpenter from Leeds",
-    "Aiko, a 30-year-old software engineer living in Osaka",
-    "Pedro, a 19-year-old music student in Seville",
-    "Fatima, a 52-year-old doctor in Casablanca",
-    "Lars, a 23-year-old history student in Uppsala",
-    "Grace, a 67-year-old retired teacher in Dublin",
-    "Chen, a 28-year-old chef in Singapore",
+    "Maria Silva, 21, a biology student in Lisbon, maria.silva@example.com",
+    "Tom Baker, 45, a carpenter in Leeds, tom.baker@example.org",
+    "Aiko Tanaka, 30, a software engineer in Osaka, aiko@example.jp",
+    "Pedro Ruiz, 19, a music student in Seville, pedro.ruiz@example.es",
+    "Fatima Zahra, 52, a doctor in Casablanca, f.zahra@example.ma",
+    "Lars Berg, 23, a history student in Uppsala, lars.berg@example.se",
+    "Grace Kelly, 67, a retired teacher in Dublin, grace.k@example.ie",
+    "Chen Wei, 28, a chef in Singapore, chen.wei@example.sg",
 ]
 SMALL_SCHEMA = {
     "type": "object",
@@ -144,7 +145,7 @@ class Sizes:
     peer_calls: int  # timed calls per workload (after one warm-up call)
 
 
-FULL = Sizes(200, 40, 384, 128, 3, 8, 8)
+FULL = Sizes(200, 40, 384, 128, 5, 8, 8)
 QUICK = Sizes(10, 4, 128, 16, 1, 3, 2)
 
 
@@ -411,7 +412,7 @@ def validate_output(validator: Any, text: str, finish: dict | None, max_tokens: 
         value = json.loads(text)
     except json.JSONDecodeError as e:
         if kind == "length":
-            return "invalid", f"truncated at max tokens ({max_tokens})"
+            return "invalid", f"truncated at max tokens ({max_tokens}): ...{text[-60:]!r}"
         return "invalid", f"finished ({kind}) but not JSON: {e.msg} at char {e.pos}"
     try:
         error = jsonschema.exceptions.best_match(validator.iter_errors(value))
@@ -595,7 +596,13 @@ def report_coverage(
 
 
 def overhead_section(engine: Any, n_tokens: int, repeats: int) -> list[dict[str, Any]]:
-    """ms per decode step, free vs constrained, at batch 1 and batch 16."""
+    """ms per decode step, free vs constrained, at batch 1 and batch 16.
+
+    Each mode runs ``repeats`` times, the modes interleaved (rotating order), so
+    a burst of load from other jobs on the machine hits all of them alike. Wall
+    time and this process's CPU time (user + system, all threads) are both
+    kept: CPU time barely moves when another job takes the cores for a while.
+    """
     prompts = [
         engine.apply_chat_template(
             [{"role": "user", "content": f"Write a long story about {TOPICS[i % 8]} (part {i})."}]
@@ -607,65 +614,76 @@ def overhead_section(engine: Any, n_tokens: int, repeats: int) -> list[dict[str,
         modes = {
             "free (ignore_eos)": {"ignore_eos": True},
             "regex": {"regex": f"(?:[a-z ]{{16}}){{{n}}}"},
-            "json array": {
-                "json_schema": {
-                    "type": "array",
-                    "minItems": n,
-                    "items": SMALL_SCHEMA,
-                }
-            },
+            "json array": {"json_schema": {"type": "array", "minItems": n, "items": SMALL_SCHEMA}},
         }
         batch = prompts[:bs]
         for extra in modes.values():  # compile, cache the prompts, warm up
             engine.generate(batch, {"max_new_tokens": 2, "temperature": 0, **extra})
-        times: dict[str, list[float]] = {m: [] for m in modes}
-        passes: dict[str, int] = {}
-        exact: dict[str, bool] = {}
+        wall: dict[str, list[float]] = {m: [] for m in modes}
+        cpu: dict[str, list[float]] = {m: [] for m in modes}
+        passes: dict[str, set[int]] = {m: set() for m in modes}
+        exact: dict[str, bool] = dict.fromkeys(modes, True)
         names = list(modes)
         for r in range(repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 params = {"max_new_tokens": n, "temperature": 0, **modes[name]}
                 p0 = engine.get_stats()["num_forward_passes"]
-                t0 = time.perf_counter()
+                c0, t0 = _cpu_seconds(), time.perf_counter()
                 outs = engine.generate(batch, params)
-                times[name].append(time.perf_counter() - t0)
-                passes[name] = engine.get_stats()["num_forward_passes"] - p0
-                exact[name] = all(len(o["output_ids"]) == n for o in outs)
-        free = statistics.median(times[names[0]])
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(_cpu_seconds() - c0)
+                passes[name].add(engine.get_stats()["num_forward_passes"] - p0)
+                exact[name] &= all(len(o["output_ids"]) == n for o in outs)
+        free = names[0]
         for name in names:
-            t = statistics.median(times[name])
             rows.append(
                 {
                     "batch": bs,
                     "tokens": n,
                     "mode": name,
-                    "ms_step": 1000 * t / n,
-                    "tok_s": bs * n / t,
-                    "overhead": t / free - 1,
-                    "passes": passes[name],
+                    "wall_ms": 1000 * statistics.median(wall[name]) / n,
+                    "wall_min_ms": 1000 * min(wall[name]) / n,
+                    "cpu_ms": 1000 * statistics.median(cpu[name]) / n,
+                    "over_wall": statistics.median(wall[name]) / statistics.median(wall[free]) - 1,
+                    "over_min": min(wall[name]) / min(wall[free]) - 1,
+                    "over_cpu": statistics.median(cpu[name]) / statistics.median(cpu[free]) - 1,
+                    "passes": sorted(passes[name]),
                     "exact": exact[name],
-                    "runs": times[name],
                 }
             )
     return rows
 
 
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def report_overhead(rows: list[dict[str, Any]], repeats: int) -> None:
     print(
-        f"\n== 2. Per-token overhead of constrained decoding (jump-forward off; median of "
-        f"{repeats} run(s) each; same prompts and token count; goal <= 5%)"
+        f"\n== 2. Per-token overhead of constrained decoding (jump-forward off; {repeats} "
+        "interleaved run(s) per mode; same prompts, same token count; goal <= 5%)"
     )
     print(
-        f"{'batch':>5s} {'tokens':>6s} {'mode':18s} {'ms/step':>8s} {'tok/s':>7s}"
-        f" {'overhead':>9s} {'fwd passes':>10s}  exact count"
+        f"{'batch':>5s} {'tokens':>6s} {'mode':18s} {'ms/step':>8s} {'min':>7s} {'CPU ms':>7s}"
+        f" {'over wall':>9s} {'over min':>8s} {'over CPU':>8s} {'passes':>6s} exact"
     )
     for r in rows:
-        over = "-" if r["mode"].startswith("free") else f"{100 * r['overhead']:+.1f}%"
+        free = r["mode"].startswith("free")
+        over = [
+            "-" if free else f"{100 * r[k]:+.1f}%" for k in ("over_wall", "over_min", "over_cpu")
+        ]
+        passes = "/".join(str(p) for p in r["passes"])
         print(
-            f"{r['batch']:5d} {r['tokens']:6d} {r['mode']:18s} {r['ms_step']:8.1f} "
-            f"{r['tok_s']:7.1f} {over:>9s} {r['passes']:10d}  {'yes' if r['exact'] else 'NO'}"
+            f"{r['batch']:5d} {r['tokens']:6d} {r['mode']:18s} {r['wall_ms']:8.1f} "
+            f"{r['wall_min_ms']:7.1f} {r['cpu_ms']:7.1f} {over[0]:>9s} {over[1]:>8s} "
+            f"{over[2]:>8s} {passes:>6s} {'yes' if r['exact'] else 'NO'}"
         )
-    print("(ms/step: wall time / tokens per request; one step yields a token for each request)")
+    print(
+        "ms/step = wall time / tokens per request (median run; min = fastest run); CPU ms = "
+        "process CPU time per step, all threads; over = vs the free run; passes = forward "
+        "passes per run; exact = every request gave exactly the token count"
+    )
 
 
 # ---- 3. jump-forward ----------------------------------------------------------------------
@@ -679,8 +697,8 @@ def jump_section(engine_jf: Any, engine_plain: Any, n_prompts: int) -> dict[str,
             [
                 {
                     "role": "user",
-                    "content": f"Write a JSON record with name, age, city, email and is_student "
-                    f"for {PEOPLE[i % len(PEOPLE)]}.",
+                    "content": "Write a JSON record (name, age, city, email, is_student) for "
+                    f"this person: {PEOPLE[i % len(PEOPLE)]}.",
                 }
             ]
         )
