@@ -43,7 +43,6 @@ from plait.backend import (
     get_default_backend,
     set_default_backend,
 )
-from plait.chat_template import ChatTemplate
 from plait.choices import (
     greedy_token_selection,
     token_length_normalized,
@@ -51,6 +50,7 @@ from plait.choices import (
 )
 from plait.function import Function, function
 from plait.interpreter import ProgramState, ProgramStateGroup
+from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"

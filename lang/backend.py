@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
-from plait.chat_template import PLAIN, ChatTemplate
+from plait.runtime.chat_template import PLAIN, ChatTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class EngineBackend(Backend):
 
     def __init__(self, engine: Any):
         self.engine = engine
-        self.chat_template = ChatTemplate.from_tokenizer(engine.tokenizer)
+        self.chat_template = engine.chat_template
         self.model_name = str(engine.source.model_path)
 
     def generate(self, text, sampling_params, **options):

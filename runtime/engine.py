@@ -13,6 +13,7 @@ thread, so bad input raises there and never reaches the loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import pathlib
 import queue
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.config import EngineConfig, ModelConfig
 from plait.runtime.constrained import GrammarCompiler, GrammarSpec, TokenizerInfo
 from plait.runtime.detokenizer import IncrementalDetokenizer
@@ -228,6 +230,11 @@ class Engine:
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
         )
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The role layout of the model's chat template (what the DSL writes per turn)."""
+        return ChatTemplate.from_tokenizer(self.tokenizer)
 
     def get_stats(self) -> dict[str, Any]:
         """Live figures: running/waiting requests, KV slots, prefix cache hit rate."""
