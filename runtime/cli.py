@@ -1,6 +1,7 @@
 """The ``plait`` command (also ``python -m plait``).
 
 plait generate "The capital of France is" --max-new-tokens 16
+plait serve --model smollm2 --port 30000
 plait bench engine --threads 2
 plait bench prefix --threads 2
 plait bench grammar --threads 2
@@ -62,6 +63,32 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    from plait.runtime.server import ServerConfig, serve
+
+    config = ServerConfig(
+        served_model_name=a.served_model_name or a.model,
+        api_key=a.api_key,
+        max_request_bytes=a.max_request_bytes,
+    )
+    serve(
+        host=a.host,
+        port=a.port,
+        server=config,
+        log_level=a.log_level,
+        model=a.model,
+        **_engine_kwargs(a),
+        schedule_policy=a.schedule_policy,
+        chunked_prefill_size=a.chunked_prefill_size,
+        max_running_requests=a.max_running_requests,
+        context_length=a.context_length,
+        grammar_backend=a.grammar_backend,
+        disable_radix_cache=a.disable_radix_cache,
+        disable_jump_forward=a.disable_jump_forward,
+    )
+    return 0
+
+
 def _bench(a: argparse.Namespace) -> int:
     if a.workload == "engine":
         from plait.runtime import bench
@@ -94,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true")
     g.add_argument("--json", action="store_true", help="print the whole result dict")
     g.set_defaults(func=_generate)
+
+    v = sub.add_parser("serve", help="serve the native and OpenAI-compatible HTTP API")
+    _engine_args(v)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=30000)
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    v.add_argument("--served-model-name", default=None, help="the model name clients send")
+    v.add_argument("--max-request-bytes", type=int, default=8 * 2**20)
+    v.add_argument("--schedule-policy", choices=["lpm", "fcfs"], default="lpm")
+    v.add_argument("--chunked-prefill-size", type=int, default=2048)
+    v.add_argument("--max-running-requests", type=int, default=64)
+    v.add_argument("--context-length", type=int, default=None)
+    v.add_argument("--grammar-backend", choices=["llguidance", "outlines"], default="llguidance")
+    v.add_argument("--disable-radix-cache", action="store_true")
+    v.add_argument("--disable-jump-forward", action="store_true")
+    v.add_argument("--log-level", default=argparse.SUPPRESS, help="also settable before serve")
+    v.set_defaults(func=_serve)
 
     b = sub.add_parser("bench", help="benchmarks against HF transformers")
     b.add_argument(

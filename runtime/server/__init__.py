@@ -1,0 +1,10 @@
+"""The HTTP server: SGLang's native API and OpenAI's over one Engine (app.py,
+openai_api.py), request models (protocol.py), Prometheus metrics (metrics.py),
+and ``serve`` for the ``plait serve`` command."""
+
+from __future__ import annotations
+
+from plait.runtime.server.app import APIError, ServerConfig, create_app
+from plait.runtime.server.serve import serve
+
+__all__ = ["APIError", "ServerConfig", "create_app", "serve"]

@@ -1,0 +1,348 @@
+"""The HTTP server: SGLang's native API and OpenAI's, over one Engine.
+
+    app = create_app(engine, ServerConfig(served_model_name="smollm2"))
+
+Every route goes through the same ``Engine.async_generate`` the in-process API
+uses. Errors have OpenAI's shape, ``{"error": {"message", "type", "param",
+"code"}}``: bad input is a 4xx naming the field, never a 500. A client that
+disconnects (mid-stream or while waiting) aborts its request, which frees its
+KV at once.
+
+Native routes: ``/generate``, ``/get_model_info`` (``/model_info``),
+``/get_server_info`` (``/server_info``), ``/health``, ``/health_generate``,
+``/flush_cache``, ``/abort_request``, ``/metrics``. OpenAI routes live in
+openai_api.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from plait.runtime.engine import Engine, EngineShutdownError
+from plait.runtime.errors import RequestError
+from plait.runtime.server.metrics import Metrics
+from plait.runtime.server.protocol import AbortRequest, GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str = "smollm2"
+    api_key: str | None = None
+    max_request_bytes: int = 8 * 2**20  # request bodies past this get 413
+    # max_tokens of a chat completion that gives none (OpenAI: "until the context ends").
+    chat_default_max_tokens: int = 1024
+
+
+class APIError(Exception):
+    """A request the server refuses, with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = (
+            status,
+            message,
+            param,
+            code,
+            type,
+        )
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def error_body(message: str, type: str, param: str | None = None, code: Any = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: Any = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
+
+
+def request_error(e: RequestError) -> APIError:
+    return APIError(400, str(e), param=e.field)
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+# ---- app -------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    app = FastAPI(title="plait", version="0.1.0")
+    app.state.engine = engine
+    app.state.config = config
+    app.state.metrics = metrics = Metrics(engine)
+    app.state.started = time.time()
+    _install_middleware(app, config, metrics)
+    _install_error_handlers(app)
+
+    from plait.runtime.server.openai_api import router as openai_router
+
+    app.include_router(openai_router)
+
+    @app.post("/generate")
+    @app.put("/generate")
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        kwargs = _generate_kwargs(body)
+        if body.stream:
+            # Validated and submitted here, so bad input is still a plain 400.
+            pieces = await engine.async_generate(**kwargs, stream=True)
+            return StreamingResponse(
+                _native_stream(pieces, metrics), media_type="text/event-stream"
+            )
+        out = await until_disconnect(request, engine.async_generate(**kwargs))
+        metrics.record(out)
+        return JSONResponse(out)
+
+    @app.get("/get_model_info")
+    @app.get("/model_info")
+    async def model_info() -> dict:
+        mc = engine.model_config
+        return {
+            "model_path": str(engine.source.model_path),
+            "tokenizer_path": str(engine.source.model_path),
+            "served_model_name": config.served_model_name,
+            "is_generation": True,
+            "is_multimodal": False,
+            "has_image_understanding": False,
+            "architectures": [mc.architecture],
+            "context_length": engine.context_len,
+            "vocab_size": mc.vocab_size,
+            "chat_template": engine.chat_template.to_dict(),
+        }
+
+    @app.get("/get_server_info")
+    @app.get("/server_info")
+    async def server_info() -> dict:
+        stats = await run_in_threadpool(engine.get_stats)
+        return {
+            **asdict(engine.config),
+            "served_model_name": config.served_model_name,
+            "context_length": engine.context_len,
+            "max_total_num_tokens": engine.max_total_tokens,
+            "internal_states": [stats],
+            "version": "0.1.0",
+            "uptime_s": time.time() - app.state.started,
+        }
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        try:
+            out = await asyncio.wait_for(
+                engine.async_generate(input_ids=[0], sampling_params={"max_new_tokens": 1}), 30
+            )
+        except (TimeoutError, EngineShutdownError) as e:
+            return error_response(503, f"engine not healthy: {e!r}", type="server_error")
+        if out["meta_info"]["finish_reason"]["type"] == "abort":
+            return error_response(503, "engine not healthy: request aborted", type="server_error")
+        return Response(status_code=200)
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> Response:
+        if not await run_in_threadpool(engine.flush_cache):
+            return error_response(
+                400, "cannot flush the cache while requests are running", code="busy"
+            )
+        return PlainTextResponse("Cache flushed.\n")
+
+    @app.post("/abort_request")
+    async def abort_request(body: AbortRequest) -> Response:
+        engine.abort(body.rid)
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        data, content_type = await run_in_threadpool(metrics.render)
+        return Response(data, media_type=content_type)
+
+    @app.on_event("shutdown")
+    def _shutdown() -> None:
+        engine.shutdown()
+
+    return app
+
+
+def _generate_kwargs(body: GenerateRequest) -> dict[str, Any]:
+    if (body.text is None) == (body.input_ids is None):
+        raise APIError(400, "give exactly one of text or input_ids", param="text")
+    if body.stream and (
+        isinstance(body.text, list) or (body.input_ids and isinstance(body.input_ids[0], list))
+    ):
+        raise APIError(400, "streaming takes a single prompt", param="stream")
+    return {
+        "prompt": body.text,
+        "input_ids": body.input_ids,
+        "sampling_params": body.sampling_params,
+        "return_logprob": body.return_logprob,
+        "logprob_start_len": body.logprob_start_len,
+        "top_logprobs_num": body.top_logprobs_num,
+        "return_text_in_logprobs": body.return_text_in_logprobs,
+        "rid": body.rid,
+    }
+
+
+async def _native_stream(pieces: AsyncIterator[dict], metrics: Metrics) -> AsyncIterator[str]:
+    """SSE events each carrying the whole result so far (cumulative text and ids),
+    then ``[DONE]``. A client that goes away closes ``pieces``: the request aborts."""
+    total: dict[str, Any] = {"text": "", "output_ids": [], "meta_info": {}}
+    logprob_keys = ("input_token_logprobs", "output_token_logprobs")
+    logprob_keys += ("input_top_logprobs", "output_top_logprobs")
+    first = True
+    async for piece in pieces:
+        if first:
+            metrics.first_token(piece)
+            first = False
+        total["text"] += piece["text"]
+        total["output_ids"] += piece["output_ids"]
+        meta = dict(piece["meta_info"])
+        for key in logprob_keys:
+            if key in meta:
+                meta[key] = total["meta_info"].get(key, []) + meta[key]
+        total["meta_info"] = meta
+        yield sse(total)
+    metrics.record(total)
+    yield SSE_DONE
+
+
+async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``; if the client goes away first, cancel it (which aborts the
+    engine requests and frees their KV)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ClientDisconnected()
+    except BaseException:
+        task.cancel()
+        raise
+
+
+# ---- middleware and errors ----------------------------------------------------------------
+
+
+def _install_middleware(app: FastAPI, config: ServerConfig, metrics: Metrics) -> None:
+    open_paths = {"/health"}
+
+    @app.middleware("http")
+    async def auth_and_limits(request: Request, call_next):
+        if config.api_key and request.url.path not in open_paths:
+            auth = request.headers.get("authorization", "")
+            if auth != f"Bearer {config.api_key}":
+                return error_response(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return error_response(400, f"bad Content-Length {length!r}")
+            if int(length) > config.max_request_bytes:
+                return error_response(
+                    413,
+                    f"request body of {length} bytes is over the limit of "
+                    f"{config.max_request_bytes} bytes",
+                    code="request_too_large",
+                )
+        if request.method in ("POST", "PUT"):
+            _assume_json(request)
+        start = time.perf_counter()
+        response = await call_next(request)
+        metrics.http(request.url.path, response.status_code, time.perf_counter() - start)
+        return response
+
+
+_TYPE_NAME = re.compile(r"^(str|int|float|bool|dict|list|none|[\w.]+\[.*\]|function-.*)$")
+
+
+def _assume_json(request: Request) -> None:
+    """Read a body sent without a JSON content type (``curl -d '{...}'``) as JSON,
+    as SGLang's server does."""
+    kind = request.headers.get("content-type", "")
+    if "json" not in kind:
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, e: RequestError) -> JSONResponse:
+        return error_response(400, str(e), param=e.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        # Drop "body" and the union-member names pydantic puts in the path ("str", "list[int]").
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_NAME.match(str(p))]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more errors)"
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, str(e.detail), type=kind)
+
+    @app.exception_handler(EngineShutdownError)
+    async def shut_down(request: Request, e: EngineShutdownError) -> JSONResponse:
+        return error_response(503, str(e), type="server_error")
+
+    @app.exception_handler(ClientDisconnected)
+    async def gone(request: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("internal error on %s", request.url.path)
+        return error_response(500, f"internal error: {e!r}", type="server_error")
