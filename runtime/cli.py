@@ -94,6 +94,14 @@ def _bench(a: argparse.Namespace) -> int:
         from plait.runtime import bench
 
         return bench.main(a)
+    if a.workload == "programs":
+        from plait import bench_programs
+
+        return bench_programs.main(a)
+    if a.workload == "server":
+        from plait.runtime.server import bench as bench_server
+
+        return bench_server.main(a)
     if a.workload == "grammar":
         from plait.runtime import bench_grammar
 
@@ -142,9 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks against HF transformers")
     b.add_argument(
         "workload",
-        choices=["engine", "few-shot", "multi-turn", "fork", "prefix", "grammar"],
+        choices=[
+            "engine",
+            "few-shot",
+            "multi-turn",
+            "fork",
+            "prefix",
+            "grammar",
+            "programs",
+            "server",
+        ],
         help="engine: raw speed; few-shot, multi-turn, fork: prefix reuse; prefix: all three; "
-        "grammar: constrained decoding",
+        "grammar: constrained decoding; programs: DSL programs; server: HTTP serving",
     )
     _engine_args(b)
     b.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
