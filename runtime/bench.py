@@ -107,6 +107,9 @@ def main(args: argparse.Namespace) -> int:
         "kv_cache_memory_gb": args.kv_cache_memory_gb,
     }
     engine = Engine(model=args.model, **kwargs)
+    params = sum(p.numel() for p in engine.runner.model.parameters()) - (
+        engine.runner.model.embed_tokens.weight.numel()  # a lookup, not a matmul
+    )
     long_prompt = STORY * max(1, 1024 // len(engine.tokenizer.encode(STORY)))
     kv_mb = engine.runner.kv_pool.nbytes / 2**20
     plait_r = bench_plait(engine, long_prompt, new_tokens, batch_tokens)
@@ -148,4 +151,27 @@ def main(args: argparse.Namespace) -> int:
         f"plait peak RSS: {rss:.0f} MiB (KV budget {kv_mb:.0f} MiB; goal < 1536 MiB + budget"
         f" = {1536 + kv_mb:.0f} MiB)"
     )
+    _compute_ceiling(params, plait_r["batch32"])
     return 0
+
+
+def gemm_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, reps: int = 5) -> float:
+    """Best-of-``reps`` throughput of a square matmul: what this CPU's cores can do."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * size**3 / best / 1e9
+
+
+def _compute_ceiling(params: int, batch32: float) -> None:
+    """Batched decode is compute-bound: each token needs 2 FLOPs per weight of the
+    matmuls, so the matmul peak caps the aggregate tokens/s of any fp32 runtime."""
+    peak = gemm_gflops()
+    step_gflop = 2 * params * 32 / 1e9
+    ceiling = peak / step_gflop * 32
+    print(
+        f"fp32 matmul peak here: {peak:.0f} GFLOPS (2048^3); a batch-32 decode step is "
+        f"{step_gflop:.1f} GFLOP of matmuls -> at most {ceiling:.0f} tok/s in fp32; "
+        f"plait reaches {batch32 / ceiling:.0%} of that"
+    )
