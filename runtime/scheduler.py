@@ -92,7 +92,7 @@ class Scheduler:
     def add(self, req: Req) -> None:
         """Queue a request. Text its grammar forces before any sampling is appended
         at once, so the prompt's prefill computes it too."""
-        if req.matcher is not None:
+        if req.matcher is not None and req.params.max_new_tokens > 0:
             if req.jump_forward:
                 forced = self._forced_tokens(req, None)
                 req.forced_tokens += len(forced)

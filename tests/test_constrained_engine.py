@@ -122,6 +122,11 @@ def test_constraint_stops_without_sampling_eos(engine):
     assert engine.tokenizer.decode(out["output_ids"]) == "abc"
 
 
+def test_prefill_only_request_with_a_grammar_generates_nothing(engine):
+    out = engine.generate(PROMPT, {"max_new_tokens": 0, "json_schema": PERSON})
+    assert out["output_ids"] == [] and out["text"] == ""
+
+
 def test_max_new_tokens_cuts_a_constrained_output(engine):
     out = engine.generate(PROMPT, {"temperature": 0.0, "max_new_tokens": 3, "regex": "[a-z]{40}"})
     assert len(out["output_ids"]) == 3
