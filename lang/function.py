@@ -104,28 +104,19 @@ class Function:
         self,
         batch_kwargs: list[dict[str, Any]] | list[tuple],
         *,
-        max_new_tokens: int | None = None,
-        min_new_tokens: int | None = None,
-        n: int | None = None,
-        stop: str | list[str] | None = None,
-        stop_token_ids: list[int] | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        frequency_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        repetition_penalty: float | None = None,
-        ignore_eos: bool | None = None,
-        seed: int | None = None,
         backend: Any = None,
         num_threads: int | str = "auto",
         progress_bar: bool = False,
+        **sampling: Any,
     ) -> list[ProgramState]:
         """Run once per argument set (dicts, or tuples in parameter order), concurrently.
         A program that fails keeps its error in its state (``state.error()``; reading
-        the state raises it); the others are unaffected."""
-        defaults = _defaults(dict(locals()))
+        the state raises it); the others are unaffected. ``sampling`` takes the
+        same run-level defaults as ``run`` (``temperature=0``, ``max_new_tokens``...)."""
+        unknown = sorted(set(sampling) - set(_RUN_PARAMS))
+        if unknown:
+            raise TypeError(f"run_batch got unknown options {unknown}")
+        defaults = _defaults(sampling)
         runs = [
             self._arguments(tuple(a), {})
             if isinstance(a, (tuple, list))
