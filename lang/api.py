@@ -91,7 +91,7 @@ def gen(
             raise RequestError("regex", regex, f"bad regex syntax: {e}") from None
     schema_model = None
     if json_schema is not None and hasattr(json_schema, "model_json_schema"):
-        schema_model, json_schema = json_schema, _closed(json_schema.model_json_schema())
+        schema_model, json_schema = json_schema, json_schema.model_json_schema()
     params = {
         "max_new_tokens": max_tokens,
         "min_new_tokens": min_tokens,
@@ -123,19 +123,6 @@ def gen(
         top_logprobs_num=top_logprobs_num,
         return_text_in_logprobs=return_text_in_logprobs,
     )
-
-
-def _closed(schema: Any) -> Any:
-    """A pydantic schema with no keys beyond the model's fields: objects that do not
-    say otherwise get ``additionalProperties: false`` (as OpenAI's structured
-    outputs require), so generation does not spend tokens on keys pydantic drops."""
-    if isinstance(schema, dict):
-        schema = {k: _closed(v) for k, v in schema.items()}
-        if schema.get("type") == "object" and "properties" in schema:
-            schema.setdefault("additionalProperties", False)
-    elif isinstance(schema, list):
-        schema = [_closed(v) for v in schema]
-    return schema
 
 
 def gen_int(name: str | None = None, **kwargs: Any) -> Expr:

@@ -34,6 +34,8 @@ from plait.runtime.constrained import (
 )
 from plait.runtime.constrained.bitmask import unpack_bitmask
 from plait.runtime.constrained.compiler import make_backend
+from plait.runtime.constrained.outlines_backend import unenforced_keywords
+from plait.runtime.constrained.spec import close_objects
 from plait.runtime.sampling_params import SamplingParams
 
 VOCAB = 49152
@@ -42,7 +44,7 @@ BACKENDS = ("llguidance", "outlines")
 
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
     "required": ["name", "age"],
 }
 NESTED = {
@@ -171,8 +173,37 @@ def generate(matcher, info: TokenizerInfo, bias: torch.Tensor, seed: int) -> str
 def test_spec_from_params_normalizes_schema_keeping_key_order():
     params = SamplingParams(json_schema='{ "type": "object",\n "properties": {"b": {}, "a": {}} }')
     spec = GrammarSpec.from_params(params)
-    assert spec == GrammarSpec("json_schema", '{"type":"object","properties":{"b":{},"a":{}}}')
+    assert spec == GrammarSpec(
+        "json_schema",
+        '{"type":"object","properties":{"b":{},"a":{}},"additionalProperties":false}',
+    )
     assert GrammarSpec.from_params(SamplingParams()) is None
+
+
+@pytest.mark.parametrize(
+    "schema,closed",
+    [
+        ({"type": "object", "properties": {"a": {}}}, True),
+        ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, False),
+        ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, False),
+        ({"type": "object", "properties": {"a": {}}, "minProperties": 2}, False),
+        ({"allOf": [{"type": "object", "properties": {"a": {}}}]}, False),
+        ({"type": "object"}, False),  # no properties: any object is what it asks for
+    ],
+)
+def test_objects_are_closed_only_where_that_keeps_the_schema_satisfiable(schema, closed):
+    out = close_objects(schema)
+    node = out["allOf"][0] if "allOf" in out else out
+    assert (node.get("additionalProperties") is False) == closed
+
+
+def test_closing_objects_only_narrows(info, structural_bias):
+    """Every output of the closed grammar is valid under the open schema."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    matcher = GrammarCompiler(info).compile(GrammarSpec.of("json_schema", schema)).grammar.matcher()
+    text = generate(matcher, info, structural_bias, seed=0)
+    jsonschema.validate(json.loads(text), schema)
+    assert set(json.loads(text)) == {"a"}
 
 
 def test_spec_of_choices_is_a_json_list_and_true_schema_is_empty():
@@ -493,15 +524,42 @@ def test_compiler_raises_grammar_error_naming_the_field(info, kind, value, words
     assert err.value.field == kind
 
 
-def test_fallback_to_outlines_when_llguidance_refuses(info):
+def test_outlines_refuses_what_it_would_drop_so_the_fallback_says_so(info):
+    """llguidance refuses `dependencies`; outlines would silently ignore it, so it
+    refuses too, and lenient llguidance compiles it with the note."""
     schema = {
         "type": "object",
         "properties": {"a": {"type": "string"}, "b": {"type": "string"}},
         "dependencies": {"a": ["b"]},
     }
     result = GrammarCompiler(info).compile(GrammarSpec.of("json_schema", schema))
-    assert result.backend == "outlines"
-    assert "dependencies" in result.fallback_reason
+    assert result.backend == "llguidance-lenient"
+    assert "outlines: does not enforce dependencies" in result.fallback_reason
+    assert "lenient" in result.fallback_reason
+
+
+def test_outlines_compiles_a_schema_it_enforces_fully(info):
+    schema = {"type": "object", "properties": {"minimum": {"type": "string", "maxLength": 3}}}
+    result = GrammarCompiler(info, primary="outlines").compile(
+        GrammarSpec.of("json_schema", schema)
+    )
+    assert result.backend == "outlines" and result.fallback_reason is None
+
+
+@pytest.mark.parametrize(
+    "schema,found",
+    [
+        ({"type": "integer", "minimum": 1}, {"minimum"}),
+        ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, {"oneOf"}),
+        ({"oneOf": [{"type": "integer"}]}, set()),  # one branch is anyOf
+        ({"properties": {"maximum": {"type": "string"}}}, set()),  # a property name
+        ({"$defs": {"x": {"not": {"const": 1}}}, "$ref": "#/$defs/x"}, {"not"}),
+        ({"type": "array", "items": {"uniqueItems": True}}, {"uniqueItems"}),
+        ({"enum": [{"minimum": 1}]}, set()),  # data, not a schema
+    ],
+)
+def test_unenforced_keywords(schema, found):
+    assert unenforced_keywords(schema) == found
 
 
 def test_fallback_to_llguidance_for_ebnf_when_outlines_is_primary(hf_tokenizer, info):

@@ -4,7 +4,10 @@ The index is exact for what the regex says, but building it can take seconds
 to minutes for large schemas, so the compiler runs it under a deadline. Index
 objects pickle: compiled grammars are kept in the compiler's disk cache. JSON
 is compact (no whitespace pattern), matching the llguidance backend's output.
-Recursive schemas are unrolled to depth 3; EBNF is not supported. Jump-forward
+Recursive schemas are unrolled to depth 3; EBNF is not supported. A schema using
+a keyword the regex would silently drop (``minimum``, ``oneOf``, ``not``, ...:
+see UNENFORCED) is refused, so the compiler falls back instead of producing
+outputs that may break the schema. Jump-forward
 comes from interegular (jump_forward.py), since the index has no forced-text query.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import pickle
 import threading
+from typing import Any
 
 import torch
 from outlines_core import Guide, Index, Vocabulary
@@ -30,6 +34,7 @@ from plait.runtime.constrained.spec import (
 )
 from plait.runtime.constrained.vocab import TokenizerInfo
 
+POLICY = 2  # 2: refuses schemas with keywords it does not enforce
 MAX_ROLLBACK_TOKENS = 1 << 20  # the guide keeps this many past states (grown on demand)
 
 
@@ -44,7 +49,9 @@ class OutlinesBackend(GrammarBackend):
         self._lock = threading.Lock()
 
     def cache_tag(self) -> str:
-        return f"outlines-{importlib.metadata.version('outlines-core')}"
+        # The policy version changes when what this backend accepts changes, so a
+        # grammar cached on disk under an older policy is not picked up.
+        return f"outlines-{importlib.metadata.version('outlines-core')}-policy{POLICY}"
 
     def compile(self, spec: GrammarSpec) -> OutlinesGrammar:
         regex = self._regex(spec)
@@ -73,6 +80,9 @@ class OutlinesBackend(GrammarBackend):
         if spec.kind == "choices":
             return choices_to_regex(spec.value())
         if spec.kind == "json_schema":
+            unenforced = sorted(unenforced_keywords(spec.value()))
+            if unenforced:  # outlines would drop them silently: outputs could break them
+                raise UnsupportedGrammar(f"outlines: does not enforce {', '.join(unenforced)}")
             try:
                 return build_regex_from_schema(spec.source, whitespace_pattern="")
             except ValueError as e:
@@ -197,6 +207,59 @@ class OutlinesMatcher(Matcher):
         except UnicodeDecodeError:
             return None, b""
         return self._g.dfa.walk(state, text), pending
+
+
+# Keywords that restrict a value but that outlines-core's schema-to-regex ignores
+# (checked against outlines-core 0.2.14: the regex is the same with and without
+# them), and oneOf, which it builds as anyOf. Ignored keywords that only *allow*
+# more (additionalProperties, patternProperties) are safe: outlines then emits
+# no extra keys, a narrower but valid output.
+UNENFORCED = frozenset(
+    {
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "uniqueItems",
+        "contains",
+        "maxProperties",
+        "propertyNames",
+        "dependencies",
+        "dependentRequired",
+        "dependentSchemas",
+        "not",
+        "if",
+        "oneOf",
+    }
+)
+# Keys whose values map names to subschemas, and keys whose values are data.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_DATA = ("enum", "const", "default", "examples", "required", "description", "title")
+
+
+def unenforced_keywords(schema: Any) -> set[str]:
+    """The keywords of ``schema`` (anywhere in it) that outlines would not enforce."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key in UNENFORCED and not (key == "oneOf" and len(value or []) <= 1):
+                found.add(key)
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                for sub in value.values():
+                    walk(sub)
+            elif key not in _DATA:
+                walk(value)
+
+    walk(schema)
+    return found
 
 
 def _first_line(error: Exception, limit: int = 200) -> str:

@@ -105,7 +105,74 @@ def _normalize_schema(value: Any) -> str:
         raise GrammarError(
             "json_schema", value, f"a schema must be a JSON object, got {type(schema).__name__}"
         )
-    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(close_objects(schema), separators=(",", ":"), ensure_ascii=False)
+
+
+# Keys under which a schema holds a map of names to subschemas, and data keys.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_DATA_KEYS = ("enum", "const", "default", "examples", "required")
+# Where any of these appears, closing an object could make the schema unsatisfiable
+# (allOf merges objects; unevaluatedProperties and if/then/else see across subschemas).
+_OPEN_SCHEMA_KEYWORDS = ("allOf", "unevaluatedProperties", "if", "$dynamicRef")
+
+
+def close_objects(schema: dict[str, Any]) -> dict[str, Any]:
+    """Give every object schema that says nothing about extra keys
+    ``additionalProperties: false``, as xgrammar's strict mode (SGLang's default)
+    and OpenAI's structured outputs do.
+
+    This only narrows what may be generated, so outputs stay valid under the
+    original schema, and it stops a small model from inventing keys (and nesting
+    them, ``{"type":{"type":...``) until it runs out of tokens. An object is left
+    open where closing it could leave no valid output: it requires keys it does
+    not list, sets ``minProperties``/``dependencies``, or the schema uses allOf,
+    unevaluatedProperties or if/then/else anywhere.
+    """
+    if _mentions(schema, _OPEN_SCHEMA_KEYWORDS):
+        return schema
+    return _close(schema)
+
+
+def _close(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_close(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _close(sub) for name, sub in value.items()}
+        elif key in _DATA_KEYS:
+            out[key] = value
+        else:
+            out[key] = _close(value)
+    props = out.get("properties")
+    closable = (
+        isinstance(props, dict)
+        and not any(k in out for k in ("additionalProperties", "patternProperties"))
+        and not any(k in out for k in ("minProperties", "dependencies", "dependentRequired"))
+        and all(isinstance(r, str) and r in props for r in out.get("required", []))
+    )
+    if closable:
+        out["additionalProperties"] = False
+    return out
+
+
+def _mentions(node: Any, keywords: tuple[str, ...]) -> bool:
+    """Whether a schema keyword in ``keywords`` appears anywhere in ``node``."""
+    if isinstance(node, list):
+        return any(_mentions(x, keywords) for x in node)
+    if not isinstance(node, dict):
+        return False
+    for key, value in node.items():
+        if key in keywords:
+            return True
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            if any(_mentions(sub, keywords) for sub in value.values()):
+                return True
+        elif key not in _DATA_KEYS and _mentions(value, keywords):
+            return True
+    return False
 
 
 def _normalize_choices(value: Any) -> str:
