@@ -268,6 +268,7 @@ class Engine:
         self._closed = True
         self._inbox.put(("stop", None))
         self._thread.join(timeout=30)
+        self.scheduler.close()
         if self._grammar_compiler is not None:
             self._grammar_compiler.close()
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,7 @@ class Scheduler:
         self.reserved = 0  # KV slots promised to running requests, not yet allocated
         self.num_forward_passes = 0
         self.vocab_size = vocab_size or runner.cfg.vocab_size  # logits width
+        self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="plait-masks")
 
     # ---- queue ---------------------------------------------------------------
 
@@ -127,6 +129,9 @@ class Scheduler:
     @property
     def available_slots(self) -> int:
         return self.allocator.num_free - self.reserved
+
+    def close(self) -> None:
+        self._grammar_thread.shutdown(wait=False)
 
     def flush_cache(self) -> bool:
         """Drop every cached prefix; refused (False) while requests are running."""
@@ -171,9 +176,10 @@ class Scheduler:
         if not plan:
             return False
         batch = self._build_batch(plan)
+        masks = self._start_grammar_masks(plan)  # filled while the model runs
         logits = self.runner.forward(batch)
         self.num_forward_passes += 1
-        self._process(plan, logits)
+        self._process(plan, logits, masks)
         return True
 
     def _plan(self) -> list[_Planned]:
@@ -273,7 +279,9 @@ class Scheduler:
             logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
         )
 
-    def _process(self, plan: list[_Planned], logits: torch.Tensor) -> None:
+    def _process(
+        self, plan: list[_Planned], logits: torch.Tensor, masks: Future | None = None
+    ) -> None:
         want_lp = any(p.req.return_logprob for p in plan)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
         sample_rows, sampled, prefilled_only = [], [], []
@@ -294,7 +302,11 @@ class Scheduler:
         if sampled:
             rows = torch.tensor(sample_rows, device=logits.device)
             sampling_rows = [self._sampling_row(r) for r in sampled]
-            self._fill_grammar_masks(sampled, sampling_rows)
+            if masks is not None:  # one bitmask row per constrained request, in order
+                bits = iter(masks.result())
+                for req, row in zip(sampled, sampling_rows):
+                    if req.matcher is not None:
+                        row.grammar_bits = next(bits)
             result = self.sampler(logits.index_select(0, rows), sampling_rows, False)
             for i, req in enumerate(sampled):
                 lp_row = logprobs[sample_rows[i]] if logprobs is not None else None
@@ -356,15 +368,22 @@ class Scheduler:
 
     # ---- constrained decoding --------------------------------------------------
 
-    def _fill_grammar_masks(self, reqs: list[Req], rows: list[SamplingRow]) -> None:
-        """Give each constrained row its grammar's allowed-token bitmask."""
-        constrained = [i for i, r in enumerate(reqs) if r.matcher is not None]
-        if not constrained:
-            return
-        bitmask = allocate_bitmask(len(constrained), self.vocab_size)
-        for k, i in enumerate(constrained):
-            reqs[i].matcher.fill_mask(bitmask, k)
-            rows[i].grammar_bits = bitmask[k]
+    def _start_grammar_masks(self, plan: list[_Planned]) -> Future | None:
+        """Fill the allowed-token bitmask of every constrained request that samples this
+        step, on the grammar thread, while the forward pass runs (the grammar backends
+        release the GIL, and so do torch's kernels). Row i is the i-th such request in
+        plan order. The matchers are not touched again until the step samples."""
+        matchers = [p.req.matcher for p in plan if p.samples and p.req.matcher is not None]
+        if not matchers:
+            return None
+
+        def fill() -> torch.Tensor:
+            bitmask = allocate_bitmask(len(matchers), self.vocab_size)
+            for i, m in enumerate(matchers):
+                m.fill_mask(bitmask, i)
+            return bitmask
+
+        return self._grammar_thread.submit(fill)
 
     def _accept_sampled(self, req: Req, token: int, logprob_row: torch.Tensor | None) -> None:
         """Append a sampled token; for a constrained request advance its grammar,
