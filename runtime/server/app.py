@@ -20,8 +20,10 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plait.runtime.engine import Engine, EngineShutdownError
@@ -103,7 +106,13 @@ SSE_DONE = "data: [DONE]\n\n"
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
-    app = FastAPI(title="plait", version="0.1.0")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="plait", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     app.state.config = config
     app.state.metrics = metrics = Metrics(engine)
@@ -118,7 +127,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/generate")
     @app.put("/generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
-        kwargs = _generate_kwargs(body)
+        kwargs = _generate_kwargs(body, engine.model_config.vocab_size)
         if body.stream:
             # Validated and submitted here, so bad input is still a plain 400.
             pieces = await engine.async_generate(**kwargs, stream=True)
@@ -166,17 +175,19 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
+        # asyncio.TimeoutError: on Python 3.10 it is not the builtin TimeoutError.
         try:
             out = await asyncio.wait_for(
                 engine.async_generate(input_ids=[0], sampling_params={"max_new_tokens": 1}), 30
             )
-        except (TimeoutError, EngineShutdownError) as e:
+        except (asyncio.TimeoutError, EngineShutdownError) as e:
             return error_response(503, f"engine not healthy: {e!r}", type="server_error")
         if out["meta_info"]["finish_reason"]["type"] == "abort":
             return error_response(503, "engine not healthy: request aborted", type="server_error")
         return Response(status_code=200)
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.get("/flush_cache")
+    @app.post("/flush_cache")  # two routes, so the OpenAPI spec has one operation id each
     async def flush_cache() -> Response:
         if not await run_in_threadpool(engine.flush_cache):
             return error_response(
@@ -194,20 +205,39 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         data, content_type = await run_in_threadpool(metrics.render)
         return Response(data, media_type=content_type)
 
-    @app.on_event("shutdown")
-    def _shutdown() -> None:
-        engine.shutdown()
-
     return app
 
 
-def _generate_kwargs(body: GenerateRequest) -> dict[str, Any]:
+# Most samples per prompt (``n``) one request may ask for, as the OpenAI routes allow.
+MAX_N = 128
+
+
+def _generate_kwargs(body: GenerateRequest, vocab_size: int) -> dict[str, Any]:
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of text or input_ids", param="text")
-    if body.stream and (
-        isinstance(body.text, list) or (body.input_ids and isinstance(body.input_ids[0], list))
-    ):
+    batch = isinstance(body.text, list) or bool(
+        body.input_ids and isinstance(body.input_ids[0], list)
+    )
+    if body.stream and batch:
         raise APIError(400, "streaming takes a single prompt", param="stream")
+    # The engine would fail on these only later (an IndexError, a failed step that
+    # aborts every request in flight, or minutes spent building a million requests).
+    if isinstance(body.rid, list) and batch:
+        size = len(body.text if body.text is not None else body.input_ids)
+        if len(body.rid) != size:
+            raise APIError(400, f"rid has {len(body.rid)} entries for {size} prompts", param="rid")
+    if body.top_logprobs_num is not None and body.top_logprobs_num > vocab_size:
+        raise APIError(
+            400,
+            f"top_logprobs_num={body.top_logprobs_num} is over the vocabulary size ({vocab_size})",
+            param="top_logprobs_num",
+        )
+    params = body.sampling_params
+    for i, p in enumerate(params if isinstance(params, list) else [params]):
+        n = p.get("n") if isinstance(p, dict) else None
+        if isinstance(n, int) and n > MAX_N:
+            name = f"sampling_params[{i}].n" if isinstance(params, list) else "sampling_params.n"
+            raise APIError(400, f"{name}={n}: must be <= {MAX_N}", param=name)
     return {
         "prompt": body.text,
         "input_ids": body.input_ids,
@@ -264,20 +294,73 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 
 def _install_middleware(app: FastAPI, config: ServerConfig, metrics: Metrics) -> None:
-    open_paths = {"/health"}
+    app.add_middleware(_Gate, config=config, metrics=metrics)
 
-    @app.middleware("http")
-    async def auth_and_limits(request: Request, call_next):
-        if config.api_key and request.url.path not in open_paths:
-            auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {config.api_key}":
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while reading a body that grows past the limit (one sent without a
+    Content-Length, or longer than the one it declared)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is over the limit of {limit} bytes")
+
+
+class _Gate:
+    """The API key, the body size limit, a JSON content type and the HTTP metrics, as a
+    plain ASGI middleware: ``@app.middleware("http")`` (BaseHTTPMiddleware) would hide a
+    client's disconnect from ``request.is_disconnected()``, so a request whose client
+    went away would run to its end."""
+
+    open_paths = frozenset({"/health"})
+
+    def __init__(self, app: Any, config: ServerConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+
+        async def send_counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                # The route's template, not the raw path: /v1/models/{anything} must not
+                # make a new label value per request.
+                route = getattr(scope.get("route"), "path", None) or "other"
+                self.metrics.http(route, message["status"], time.perf_counter() - start)
+            await send(message)
+
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send_counted)
+            return
+        if scope["method"] in ("POST", "PUT"):
+            _assume_json(scope)
+        limit, received = self.config.max_request_bytes, 0
+
+        async def receive_limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, receive_limited, send_counted)
+
+    def _refusal(self, scope: dict) -> Response | None:
+        config, headers = self.config, Headers(scope=scope)
+        if config.api_key and scope["path"] not in self.open_paths:
+            given = headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, f"Bearer {config.api_key}".encode()):
                 return error_response(
                     401,
                     "missing or wrong API key (Authorization: Bearer ...)",
                     type="authentication_error",
                     code="invalid_api_key",
                 )
-        length = request.headers.get("content-length")
+        length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 return error_response(400, f"bad Content-Length {length!r}")
@@ -288,27 +371,26 @@ def _install_middleware(app: FastAPI, config: ServerConfig, metrics: Metrics) ->
                     f"{config.max_request_bytes} bytes",
                     code="request_too_large",
                 )
-        if request.method in ("POST", "PUT"):
-            _assume_json(request)
-        start = time.perf_counter()
-        response = await call_next(request)
-        metrics.http(request.url.path, response.status_code, time.perf_counter() - start)
-        return response
+        return None
 
 
 _TYPE_NAME = re.compile(r"^(str|int|float|bool|dict|list|none|[\w.]+\[.*\]|function-.*)$")
 
 
-def _assume_json(request: Request) -> None:
+def _assume_json(scope: dict) -> None:
     """Read a body sent without a JSON content type (``curl -d '{...}'``) as JSON,
     as SGLang's server does."""
-    kind = request.headers.get("content-type", "")
+    kind = Headers(scope=scope).get("content-type", "")
     if "json" not in kind:
-        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        scope["headers"] = [*headers, (b"content-type", b"application/json")]
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(_BodyTooLarge)
+    async def too_large(request: Request, e: _BodyTooLarge) -> JSONResponse:
+        return error_response(413, str(e.detail), code="request_too_large")
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
         return error_response(e.status, e.message, e.type, e.param, e.code)
@@ -321,6 +403,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            reason = (first.get("ctx") or {}).get("error", first.get("msg"))
+            return error_response(400, f"the request body is not valid JSON: {reason}")
+        if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+            return error_response(400, "the request body is missing (expected a JSON object)")
         # Drop "body" and the union-member names pydantic puts in the path ("str", "list[int]").
         loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_NAME.match(str(p))]
         param = ".".join(loc) or None

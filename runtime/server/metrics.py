@@ -77,10 +77,10 @@ class Metrics:
         )
         r.register(_EngineCollector(engine))
 
-    def http(self, path: str, status: int, seconds: float) -> None:
-        known = path if path.startswith(("/v1/", "/generate", "/health")) else "other"
-        self.requests.labels(known, str(status)).inc()
-        self.http_latency.labels(known).observe(seconds)
+    def http(self, route: str, status: int, seconds: float) -> None:
+        """Account one response; ``route`` is the route's path template (or "other")."""
+        self.requests.labels(route, str(status)).inc()
+        self.http_latency.labels(route).observe(seconds)
 
     def record(self, results: Any) -> None:
         """Account finished result dicts (one, or a list)."""

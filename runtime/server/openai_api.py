@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from plait.runtime.errors import RequestError
 from plait.runtime.server.app import SSE_DONE, APIError, sse, until_disconnect
 from plait.runtime.server.protocol import (
     ChatCompletionRequest,
@@ -51,6 +52,29 @@ _PASSTHROUGH = {
     "ebnf": "ebnf",
     "json_schema": "json_schema",
 }
+
+
+# plait SamplingParams names -> the OpenAI request fields they come from.
+_OPENAI_NAME = {field: name for name, field in _PASSTHROUGH.items()}
+
+
+def _openai_error(e: RequestError, body: _OpenAISampling, prompt_param: str) -> APIError:
+    """The engine's error, naming the request's own field (``temperature``, not
+    ``sampling_params.temperature``; ``messages``, not ``input_ids``)."""
+    name = e.field.removeprefix("sampling_params.")
+    if name == "max_new_tokens":
+        chat_max = getattr(body, "max_completion_tokens", None)
+        param = "max_completion_tokens" if chat_max is not None else "max_tokens"
+    elif name.startswith(("input_ids", "prompt")):
+        param = prompt_param
+    elif name in ("regex", "ebnf", "json_schema") and getattr(body, name) is None:
+        param = "response_format"  # the constraint came from response_format
+    else:
+        param = _OPENAI_NAME.get(name, name)
+    message = str(e)
+    if message.startswith(e.field):
+        message = param + message[len(e.field) :]
+    return APIError(400, message, param=param)
 
 
 def _engine(request: Request) -> Any:
@@ -89,7 +113,8 @@ def _sampling(body: _OpenAISampling, max_new_tokens: int) -> dict[str, Any]:
             if fmt.json_schema is None or fmt.json_schema.schema_ is None:
                 raise APIError(
                     400,
-                    "response_format of type json_schema needs json_schema.schema",
+                    "response_format.json_schema: a response_format of type json_schema needs "
+                    "json_schema.schema",
                     param="response_format.json_schema",
                 )
             params["json_schema"] = fmt.json_schema.schema_
@@ -156,19 +181,24 @@ def _message_text(i: int, m: ChatMessage) -> str:
     texts = []
     for j, part in enumerate(m.content):
         kind = part.get("type")
-        if kind == "text" and isinstance(part.get("text"), str):
+        where = f"messages.{i}.content.{j}"
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise APIError(
+                    400, f"{where}.text: a text part needs a string", param=f"{where}.text"
+                )
             texts.append(part["text"])
         elif kind in ("image_url", "input_image"):
             raise APIError(
                 400,
-                "this model is text-only: image inputs need a vision-language model",
-                param=f"messages.{i}.content.{j}",
+                f"{where}: this model is text-only: image inputs need a vision-language model",
+                param=where,
             )
         else:
             raise APIError(
                 400,
-                f"unsupported content part of type {kind!r}",
-                param=f"messages.{i}.content.{j}.type",
+                f"{where}.type: unsupported content part of type {kind!r}",
+                param=f"{where}.type",
             )
     return "".join(texts)
 
@@ -198,14 +228,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     rid = body.rid or f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     metrics = request.app.state.metrics
-    if body.stream:
-        streams = await _open_streams(engine, [prompt], params, logprob_options, rid)
-        return StreamingResponse(
-            _chat_events(streams, rid, created, body, metrics), media_type="text/event-stream"
+    try:
+        if body.stream:
+            streams = await _open_streams(engine, [prompt], params, logprob_options, rid)
+            return StreamingResponse(
+                _chat_events(streams, rid, created, body, metrics), media_type="text/event-stream"
+            )
+        outs = await until_disconnect(
+            request, engine.async_generate(prompt, params, rid=rid, **logprob_options)
         )
-    outs = await until_disconnect(
-        request, engine.async_generate(prompt, params, rid=rid, **logprob_options)
-    )
+    except RequestError as e:
+        raise _openai_error(e, body, "messages") from e
     outs = outs if isinstance(outs, list) else [outs]
     metrics.record(outs)
     choices = [
@@ -365,6 +398,9 @@ async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int,
     finally:
         for t in tasks:
             t.cancel()
+        # Let each pump leave its stream first: closing a stream that another task is
+        # still iterating raises "aclose(): asynchronous generator is already running".
+        await asyncio.gather(*tasks, return_exceptions=True)
         for s in streams:
             await s.aclose()
 
@@ -400,21 +436,26 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     rid = body.rid or f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     metrics = request.app.state.metrics
-    echo = [_prompt_text(engine, p) for p in prompts] if body.echo else None
-    if body.stream:
-        streams = await _open_streams(engine, prompts, params, options, rid)
-        return StreamingResponse(
-            _completion_events(streams, rid, created, body, echo, metrics),
-            media_type="text/event-stream",
-        )
     texts = [p for p in prompts if isinstance(p, str)]
     ids = [p for p in prompts if not isinstance(p, str)]
     if texts and ids:
         raise APIError(400, "prompt mixes text and token ids", param="prompt")
     key = "prompt" if texts else "input_ids"
-    outs = await until_disconnect(
-        request, engine.async_generate(**{key: prompts}, sampling_params=params, rid=rid, **options)
-    )
+    try:
+        if body.stream:
+            streams = await _open_streams(engine, prompts, params, options, rid)
+            echo = _echo(engine, prompts) if body.echo else None
+            return StreamingResponse(
+                _completion_events(streams, rid, created, body, echo, metrics),
+                media_type="text/event-stream",
+            )
+        outs = await until_disconnect(
+            request,
+            engine.async_generate(**{key: prompts}, sampling_params=params, rid=rid, **options),
+        )
+    except RequestError as e:
+        raise _openai_error(e, body, "prompt") from e
+    echo = _echo(engine, prompts) if body.echo else None
     outs = outs if isinstance(outs, list) else [outs]
     metrics.record(outs)
     n = params.get("n", 1)
@@ -444,8 +485,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     )
 
 
-def _prompt_text(engine: Any, prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+def _echo(engine: Any, prompts: list[Any]) -> list[str]:
+    """The prompts as text. Called once the engine has accepted them: decoding a token
+    id outside the vocabulary would raise (an OverflowError, not a 400)."""
+    return [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
 
 
 def _completion_logprobs(meta: dict[str, Any], echo: bool) -> dict[str, Any]:
