@@ -13,6 +13,7 @@ thread, so bad input raises there and never reaches the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import pathlib
@@ -62,6 +63,18 @@ class _QueueSink:
 
     def __call__(self, item: Any) -> None:
         self.queue.put(item)
+
+
+class _LoopSink:
+    """Delivers a request's results to an asyncio queue; a caller whose event loop
+    has closed is gone, and its results are dropped (the loop thread must not fail)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
+        self.loop, self.queue = loop, q
+
+    def __call__(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class Engine:
@@ -191,7 +204,7 @@ class Engine:
         def make_sink() -> Sink:
             q: asyncio.Queue = asyncio.Queue()
             queues.append(q)
-            return lambda item: loop.call_soon_threadsafe(q.put_nowait, item)
+            return _LoopSink(loop, q)
 
         reqs, single = self._make_requests(
             prompt,
@@ -325,11 +338,26 @@ class Engine:
             raise RequestError(
                 "sampling_params", sampling_params, f"expected {len(id_lists)} entries"
             )
-        rids = rid if isinstance(rid, list) else [rid] * len(id_lists)
+        if isinstance(rid, list):
+            rids = rid
+        elif rid is not None and len(id_lists) > 1:  # one id for a batch: one per prompt
+            rids = [f"{rid}-{i}" for i in range(len(id_lists))]
+        else:
+            rids = [rid] * len(id_lists)
+        if len(rids) != len(id_lists):
+            raise RequestError("rid", rid, f"{len(rids)} rids for {len(id_lists)} prompts")
+        given = [r for r in rids if r is not None]
+        if len(set(given)) != len(given):
+            raise RequestError("rid", rid, "rids must be unique")
+        vocab = self.model_config.vocab_size
         if top_logprobs_num is not None and (
-            not isinstance(top_logprobs_num, int) or top_logprobs_num < 0
+            not isinstance(top_logprobs_num, int)
+            or isinstance(top_logprobs_num, bool)
+            or not 0 <= top_logprobs_num <= vocab
         ):
-            raise RequestError("top_logprobs_num", top_logprobs_num, "must be an integer >= 0")
+            raise RequestError(
+                "top_logprobs_num", top_logprobs_num, f"must be an integer in [0, {vocab}]"
+            )
         if logprob_start_len is not None and not isinstance(logprob_start_len, int):
             raise RequestError("logprob_start_len", logprob_start_len, "must be an integer")
 
@@ -501,6 +529,13 @@ class Engine:
         }
 
     def _handle(self, kind: str, payload: Any) -> bool:
+        try:
+            return self._handle_one(kind, payload)
+        except Exception:  # the loop thread must survive whatever one message does
+            logger.exception("engine failed to handle %r", kind)
+            return True
+
+    def _handle_one(self, kind: str, payload: Any) -> bool:
         if kind == "add":
             for req in payload:
                 self.scheduler.add(req)

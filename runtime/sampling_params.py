@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,8 @@ class SamplingParamsError(RequestError):
     def __init__(self, field_name: str, value: Any, reason: str):
         super().__init__(f"sampling_params.{field_name}", value, reason)
 
+
+MAX_N = 128  # samples per prompt one request may ask for
 
 # Which constraint fields exist; at most one may be set on a request.
 CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf", "choices")
@@ -117,6 +120,8 @@ class SamplingParams:
         _check_float(self, "presence_penalty", lo=-2.0, hi=2.0)
         _check_float(self, "repetition_penalty", lo=0.0, lo_open=True)
         _check_int(self, "n", lo=1)
+        if self.n > MAX_N:
+            raise SamplingParamsError("n", self.n, f"must be <= {MAX_N}")
         if self.seed is not None:
             _check_int(self, "seed")
             # Request k of n is seeded with seed + k; torch takes seeds in [-2**63, 2**64).
@@ -200,8 +205,8 @@ def _check_float(
     lo_open: bool = False,
 ) -> None:
     v = getattr(p, name)
-    if not _is_number(v) or v != v:  # NaN check
-        raise SamplingParamsError(name, v, "must be a number")
+    if not _is_number(v) or not math.isfinite(v):
+        raise SamplingParamsError(name, v, "must be a finite number")
     setattr(p, name, float(v))
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise SamplingParamsError(name, v, f"must be {'>' if lo_open else '>='} {lo}")

@@ -413,3 +413,45 @@ def test_apply_chat_template_uses_the_tokenizers_template(engine, llama_dir):
     expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert engine.apply_chat_template(messages) == expected
     assert expected.endswith("<|im_start|>assistant\n")
+
+
+# ---- robustness ------------------------------------------------------------------
+
+
+def test_a_caller_whose_event_loop_closed_does_not_kill_the_engine(engine):
+    """An aborted async request's last result goes to a loop that is gone."""
+
+    async def start_and_cancel():
+        task = asyncio.ensure_future(
+            engine.async_generate("Hello", {"max_new_tokens": 400, "ignore_eos": True})
+        )
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(start_and_cancel())
+    assert engine._thread.is_alive()
+    out = engine.generate("Hello", {**GREEDY, "max_new_tokens": 3})
+    assert len(out["output_ids"]) == 3
+    assert_kv_all_free(engine)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"prompt": ["a", "b"], "rid": ["only-one"]}, "rid"),
+        ({"prompt": ["a", "b"], "rid": ["x", "x"]}, "rid"),
+        ({"prompt": "a", "return_logprob": True, "top_logprobs_num": 10**6}, "top_logprobs_num"),
+        ({"prompt": "a", "sampling_params": {"n": 10**6}}, "sampling_params.n"),
+        ({"prompt": "a", "sampling_params": {"temperature": float("inf")}}, "temperature"),
+    ],
+)
+def test_request_shape_errors_name_the_field(engine, kwargs, field):
+    with pytest.raises(RequestError) as info:
+        engine.generate(**kwargs)
+    assert field in info.value.field
+    assert engine.generate("a", {**GREEDY, "max_new_tokens": 1})["output_ids"]
+
+
+def test_one_rid_for_a_batch_gives_each_prompt_its_own(engine):
+    outs = engine.generate(["a", "b"], {**GREEDY, "max_new_tokens": 1}, rid="job")
+    assert [o["meta_info"]["id"] for o in outs] == ["job-0", "job-1"]

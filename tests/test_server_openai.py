@@ -753,3 +753,11 @@ def test_malformed_json_body_is_400(client):
     )
     error = assert_error(r, 400, None)
     assert "JSON" in error["message"]
+
+
+def test_chat_top_logprobs_without_logprobs_is_refused(client):
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"

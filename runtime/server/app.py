@@ -127,7 +127,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/generate")
     @app.put("/generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
-        kwargs = _generate_kwargs(body, engine.model_config.vocab_size)
+        kwargs = _generate_kwargs(body)
         if body.stream:
             # Validated and submitted here, so bad input is still a plain 400.
             pieces = await engine.async_generate(**kwargs, stream=True)
@@ -208,11 +208,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     return app
 
 
-# Most samples per prompt (``n``) one request may ask for, as the OpenAI routes allow.
-MAX_N = 128
-
-
-def _generate_kwargs(body: GenerateRequest, vocab_size: int) -> dict[str, Any]:
+def _generate_kwargs(body: GenerateRequest) -> dict[str, Any]:
+    """The engine's arguments; the engine validates them (rid, top_logprobs_num, n...)."""
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of text or input_ids", param="text")
     batch = isinstance(body.text, list) or bool(
@@ -220,24 +217,6 @@ def _generate_kwargs(body: GenerateRequest, vocab_size: int) -> dict[str, Any]:
     )
     if body.stream and batch:
         raise APIError(400, "streaming takes a single prompt", param="stream")
-    # The engine would fail on these only later (an IndexError, a failed step that
-    # aborts every request in flight, or minutes spent building a million requests).
-    if isinstance(body.rid, list) and batch:
-        size = len(body.text if body.text is not None else body.input_ids)
-        if len(body.rid) != size:
-            raise APIError(400, f"rid has {len(body.rid)} entries for {size} prompts", param="rid")
-    if body.top_logprobs_num is not None and body.top_logprobs_num > vocab_size:
-        raise APIError(
-            400,
-            f"top_logprobs_num={body.top_logprobs_num} is over the vocabulary size ({vocab_size})",
-            param="top_logprobs_num",
-        )
-    params = body.sampling_params
-    for i, p in enumerate(params if isinstance(params, list) else [params]):
-        n = p.get("n") if isinstance(p, dict) else None
-        if isinstance(n, int) and n > MAX_N:
-            name = f"sampling_params[{i}].n" if isinstance(params, list) else "sampling_params.n"
-            raise APIError(400, f"{name}={n}: must be <= {MAX_N}", param=name)
     return {
         "prompt": body.text,
         "input_ids": body.input_ids,

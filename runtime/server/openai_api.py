@@ -219,6 +219,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         max_tokens = request.app.state.config.chat_default_max_tokens
     params = _sampling(body, max_tokens)
     logprob_options = {}
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     if body.logprobs:
         logprob_options = {
             "return_logprob": True,
