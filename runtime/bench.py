@@ -31,6 +31,17 @@ TOPICS = [
 ]
 
 
+def engine_options(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """The Engine options every benchmark takes from its command line."""
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "num_threads": threads,
+        "max_total_tokens": args.max_total_tokens,
+        "kv_cache_memory_gb": args.kv_cache_memory_gb,
+    }
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -99,17 +110,9 @@ def main(args: argparse.Namespace) -> int:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     new_tokens, batch_tokens = (16, 8) if args.quick else (128, 64)
-    kwargs = {
-        "device": args.device,
-        "dtype": args.dtype,
-        "num_threads": threads,
-        "max_total_tokens": args.max_total_tokens,
-        "kv_cache_memory_gb": args.kv_cache_memory_gb,
-    }
+    kwargs = engine_options(args, threads)
     engine = Engine(model=args.model, **kwargs)
-    params = sum(p.numel() for p in engine.runner.model.parameters()) - (
-        engine.runner.model.embed_tokens.weight.numel()  # a lookup, not a matmul
-    )
+    params = engine.runner.model.matmul_params()
     long_prompt = STORY * max(1, 1024 // len(engine.tokenizer.encode(STORY)))
     kv_mb = engine.runner.kv_pool.nbytes / 2**20
     plait_r = bench_plait(engine, long_prompt, new_tokens, batch_tokens)

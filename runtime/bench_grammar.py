@@ -79,16 +79,6 @@ COMPILE_CONFIGS: dict[str, tuple[str | None, bool]] = {
 }
 DEFAULT_LABEL = "default (chain)"
 
-TOPICS = [
-    "the history of bread",
-    "how bees communicate",
-    "the rules of chess",
-    "volcanoes",
-    "the water cycle",
-    "why the sky is blue",
-    "the first computers",
-    "how to plant a tree",
-]
 PERSON_SCHEMA = {
     "type": "object",
     "properties": {
@@ -603,6 +593,8 @@ def overhead_section(engine: Any, n_tokens: int, repeats: int) -> list[dict[str,
     time and this process's CPU time (user + system, all threads) are both
     kept: CPU time barely moves when another job takes the cores for a while.
     """
+    from plait.runtime.bench import TOPICS
+
     prompts = [
         engine.apply_chat_template(
             [{"role": "user", "content": f"Write a long story about {TOPICS[i % 8]} (part {i})."}]
@@ -964,6 +956,7 @@ def find_data_dir(arg: str | None) -> Path:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from plait.runtime.bench import engine_options
     from plait.runtime.constrained.coverage import sample_schemas
     from plait.runtime.engine import Engine
 
@@ -984,13 +977,7 @@ def main(args: argparse.Namespace) -> int:
     unknown = sections - {"coverage", "overhead", "jump", "peer"}
     if unknown:
         raise SystemExit(f"unknown --sections {sorted(unknown)}")
-    kwargs = {
-        "device": args.device,
-        "dtype": args.dtype,
-        "num_threads": threads,
-        "max_total_tokens": args.max_total_tokens,
-        "kv_cache_memory_gb": args.kv_cache_memory_gb,
-    }
+    kwargs = engine_options(args, threads)
     engine = Engine(model=args.model, **kwargs)
     plain: Any = None  # the jump-forward-off engine, built when a section needs it
 

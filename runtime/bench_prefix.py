@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from plait.runtime.bench import engine_options
+
 
 @dataclass
 class Result:
@@ -234,13 +236,7 @@ def main(args: argparse.Namespace) -> int:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     names = list(WORKLOADS) if args.workload == "prefix" else [args.workload]
-    kwargs = {
-        "device": args.device,
-        "dtype": args.dtype,
-        "num_threads": threads,
-        "max_total_tokens": args.max_total_tokens,
-        "kv_cache_memory_gb": args.kv_cache_memory_gb,
-    }
+    kwargs = engine_options(args, threads)
     sizes = {name: WORKLOADS[name][2 if args.quick else 1] for name in names}
 
     runs: dict[str, dict[str, RunStats]] = {name: {} for name in names}

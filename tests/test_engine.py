@@ -8,18 +8,11 @@ import threading
 
 import pytest
 import torch
+from common import GREEDY, PROMPTS, assert_kv_all_free
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import plait
 from plait.runtime.errors import RequestError
-
-PROMPTS = [
-    "Hello there, how are",
-    "The quick brown fox jumps over the lazy dog and",
-    "a",
-    "Numbers: 1, 2, 3, 4, 5, 6, 7",
-]
-GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
 def hf_greedy(model_dir: str, prompt: str, n: int) -> list[int]:
@@ -39,15 +32,6 @@ def llama_dir(tiny_model_dir) -> str:
 def engine(llama_dir):
     with plait.Engine(model=llama_dir, max_total_tokens=4096, max_running_requests=16) as eng:
         yield eng
-
-
-def assert_kv_all_free(engine) -> None:
-    """No request holds KV: only the prefix cache does, and a flush frees it all."""
-    stats = engine.get_stats()
-    assert stats["num_running_reqs"] == 0 and stats["num_waiting_reqs"] == 0
-    assert stats["kv_slots_used"] == stats["cache_tokens"], stats
-    assert engine.flush_cache()
-    assert engine.get_stats()["kv_slots_used"] == 0
 
 
 # ---- exactness ---------------------------------------------------------------

@@ -7,10 +7,10 @@ import random
 import threading
 
 import pytest
+from common import GREEDY
 
 import plait
 
-GREEDY = {"temperature": 0.0, "ignore_eos": True}
 SHARED = (
     "You are a careful assistant. Answer each question with one short sentence. "
     "Question: what is the colour of the sky? Answer: blue. "

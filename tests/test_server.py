@@ -16,32 +16,12 @@ import time
 import httpx
 import jsonschema
 import pytest
+from common import ERROR_KEYS, GREEDY, PERSON, PHONE, PROMPTS, assert_kv_all_free
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import plait
 from plait.runtime.server import ServerConfig, create_app
-
-PROMPTS = [
-    "Hello there, how are",
-    "The quick brown fox jumps over the lazy dog and",
-    "a",
-    "Numbers: 1, 2, 3, 4, 5, 6, 7",
-]
-GREEDY = {"temperature": 0.0, "ignore_eos": True}
-PHONE = r"[0-9]{3}-[0-9]{4}"
-# Every string is bounded, so even a random model finishes within max_new_tokens.
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "enum": ["Alice", "Bob", "Carol"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "student": {"type": "boolean"},
-    },
-    "required": ["name", "age", "student"],
-    "additionalProperties": False,
-}
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
@@ -96,24 +76,6 @@ def assert_error(response: httpx.Response, status: int, param: str | None) -> di
 def assert_still_serves(client: TestClient) -> None:
     r = client.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 2}})
     assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 2
-
-
-def wait_idle(engine, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine.get_stats()
-        if stats["num_running_reqs"] == 0 and stats["num_waiting_reqs"] == 0:
-            return stats
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.02)
-
-
-def assert_kv_all_free(engine) -> None:
-    """No request holds KV: only the prefix cache does, and a flush frees it all."""
-    stats = wait_idle(engine)
-    assert stats["kv_slots_used"] == stats["cache_tokens"], stats
-    assert engine.flush_cache()
-    assert engine.get_stats()["kv_slots_used"] == 0
 
 
 def same_result(http_out: dict, engine_out: dict) -> None:

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,30 +22,15 @@ import jsonschema
 import openai
 import pytest
 import uvicorn
+from common import GREEDY, PERSON, assert_kv_all_free, wait_idle
+from http_server import free_port
 
 import plait
 from plait.runtime.server import ServerConfig, create_app
 
 MODEL = "tiny"
-GREEDY = {"temperature": 0.0, "ignore_eos": True}
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "enum": ["Alice", "Bob", "Carol"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "student": {"type": "boolean"},
-    },
-    "required": ["name", "age", "student"],
-    "additionalProperties": False,
-}
 LONG = 400  # tokens a request would generate if it were not aborted
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +70,6 @@ def base_url(engine):
 def oai(base_url) -> openai.OpenAI:
     with openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0) as client:
         yield client
-
-
-def wait_idle(engine, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine.get_stats()
-        if stats["num_running_reqs"] == 0 and stats["num_waiting_reqs"] == 0:
-            return stats
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.02)
-
-
-def assert_kv_all_free(engine) -> None:
-    """No request holds KV: only the prefix cache does, and a flush frees it all."""
-    stats = wait_idle(engine)
-    assert stats["kv_slots_used"] == stats["cache_tokens"], stats
-    assert engine.flush_cache()
-    assert engine.get_stats()["kv_slots_used"] == 0
 
 
 def assert_no_errors_logged(caplog) -> None:

@@ -13,31 +13,19 @@ import re
 import httpx
 import jsonschema
 import pytest
+from common import ERROR_KEYS, GREEDY, PERSON, PHONE
 from fastapi.testclient import TestClient
 
 import plait
 from plait.runtime.server import ServerConfig, create_app
 
 MODEL = "tiny"
-GREEDY = {"temperature": 0.0, "ignore_eos": True}
 MESSAGES = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "Paris."},
     {"role": "user", "content": "And two plus two?"},
 ]
-PHONE = r"[0-9]{3}-[0-9]{4}"
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "enum": ["Alice", "Bob", "Carol"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "student": {"type": "boolean"},
-    },
-    "required": ["name", "age", "student"],
-    "additionalProperties": False,
-}
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")

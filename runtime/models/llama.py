@@ -12,6 +12,7 @@ and writes K/V only through the attention backend.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +25,37 @@ from plait.runtime.config import ModelConfig
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
+def _onednn_packs(weight: torch.Tensor) -> bool:
+    """Whether a matmul weight goes to oneDNN's packed layout (CPU, fp32; PLAIT_ONEDNN=0 opts out)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and os.environ.get("PLAIT_ONEDNN", "1") != "0"
+    )
+
+
 class Linear(nn.Module):
-    """y = x @ W (+ b) with W stored [in, out]. On CPU, MKL runs this layout 1.35x
-    faster than nn.Linear's [out, in] for one token (1.7x for the vocab projection);
-    at 8-32 rows [out, in] is ~15-20% faster. One token per step is the common case."""
+    """y = x W^T (+ b) for a checkpoint weight W [out, in], kept in the layout that
+    multiplies fastest where the model runs.
+
+    On CPU in fp32, ``load`` reorders W once into oneDNN's blocked layout (an opaque
+    tensor, ``self.packed``) and frees the plain copy. On a 2-core AVX2 machine with
+    SmolLM2-135M's shapes that is 2.3x faster than MKL at 8 rows, 1.8x at 32 and 1.15x
+    at 256, and the same (within 3%) at one row. Elsewhere W is stored [in, out] and
+    multiplied as x @ W (MKL runs one row 1.35x faster in that layout than [out, in]).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)
@@ -42,9 +63,14 @@ class Linear(nn.Module):
     @torch.no_grad()
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Load from the [out, in] layout checkpoints use."""
-        self.weight.copy_(weight.t())
         if bias is not None:
             self.bias.copy_(bias)
+        if _onednn_packs(self.weight):
+            plain = weight.to(self.weight.dtype).contiguous()
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(plain, None)
+            self.weight = None  # the packed copy is the only one
+        else:
+            self.weight.copy_(weight.t())
 
 
 class RMSNorm(nn.Module):
@@ -183,6 +209,14 @@ class LlamaFamilyModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, attn)
         return self.norm(x)
+
+    def matmul_params(self) -> int:
+        """Weights multiplied per token (every Linear; the embedding is only a lookup)."""
+        return sum(
+            m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+            for m in self.modules()
+            if isinstance(m, Linear)
+        )
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

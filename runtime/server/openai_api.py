@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -281,6 +281,18 @@ def _chat_logprobs(meta: dict[str, Any]) -> dict[str, Any]:
     return {"content": content}
 
 
+def _chunk_writer(rid: str, created: int, model: str, kind: str) -> Callable[..., str]:
+    """``chunk(choices, usage=None)``: one server-sent event of a streamed response."""
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        data = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            data["usage"] = usage
+        return sse(data)
+
+    return chunk
+
+
 async def _chat_events(
     streams: list[AsyncIterator[dict]],
     rid: str,
@@ -288,17 +300,7 @@ async def _chat_events(
     body: ChatCompletionRequest,
     metrics: Any,
 ) -> AsyncIterator[str]:
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        data = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-        }
-        if usage is not None:
-            data["usage"] = usage
-        return sse(data)
+    chunk = _chunk_writer(rid, created, body.model, "chat.completion.chunk")
 
     for i in range(len(streams)):
         yield chunk(
@@ -527,17 +529,7 @@ async def _completion_events(
 ) -> AsyncIterator[str]:
     n = body.n
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        data = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-        }
-        if usage is not None:
-            data["usage"] = usage
-        return sse(data)
+    chunk = _chunk_writer(rid, created, body.model, "text_completion")
 
     started: set[int] = set()
     finals: dict[int, dict] = {}
