@@ -154,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
         f"plait peak RSS: {rss:.0f} MiB (KV budget {kv_mb:.0f} MiB; goal < 1536 MiB + budget"
         f" = {1536 + kv_mb:.0f} MiB)"
     )
+    _bandwidth_ceiling(params, plait_r["single"])
     _compute_ceiling(params, plait_r["batch32"])
     return 0
 
@@ -165,6 +166,26 @@ def gemm_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, reps: int 
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(reps))
     return 2 * size**3 / best / 1e9
+
+
+def read_gbps(mib: int = 512, reps: int = 3) -> float:
+    """Best-of-``reps`` rate of summing a tensor far larger than the caches: the
+    memory bandwidth one decode step can use to read the weights."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(reps))
+    return x.numel() * 4 / best / 1e9
+
+
+def _bandwidth_ceiling(params: int, single: float) -> None:
+    """Single-stream decode is bandwidth-bound: every token reads every weight once."""
+    gbps = read_gbps()
+    ceiling = gbps * 1e9 / (params * 4)
+    print(
+        f"memory read here: {gbps:.1f} GB/s; one token reads {params * 4 / 2**20:.0f} MiB of "
+        f"fp32 weights -> at most {ceiling:.1f} tok/s single-stream in fp32; plait reaches "
+        f"{single / ceiling:.0%} of that"
+    )
 
 
 def _compute_ceiling(params: int, batch32: float) -> None:

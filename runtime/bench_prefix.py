@@ -237,7 +237,17 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     names = list(WORKLOADS) if args.workload == "prefix" else [args.workload]
     kwargs = engine_options(args, threads)
-    sizes = {name: WORKLOADS[name][2 if args.quick else 1] for name in names}
+    sizes = {name: dict(WORKLOADS[name][2 if args.quick else 1]) for name in names}
+    for item in filter(None, args.size.split(",")):
+        key, _, value = item.partition("=")
+        known = [s for s in sizes.values() if key in s]
+        if not known or not value.isdigit():
+            raise SystemExit(
+                f"--size {item!r}: expected KEY=INT with KEY one of "
+                f"{sorted({k for s in sizes.values() for k in s})}"
+            )
+        for s in known:
+            s[key] = int(value)
 
     runs: dict[str, dict[str, RunStats]] = {name: {} for name in names}
     for label, radix_off in (("plait radix", False), ("plait null cache", True)):

@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(b)
     b.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
     b.add_argument("--skip-hf", action="store_true", help="measure plait only")
+    b.add_argument(
+        "--size",
+        default="",
+        help="few-shot/multi-turn/fork: override workload sizes, e.g. sessions=1,turns=8",
+    )
     from plait.runtime.bench_grammar import add_arguments as add_grammar_arguments
 
     add_grammar_arguments(b)
