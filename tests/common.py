@@ -1,8 +1,10 @@
 """What several test modules share: prompts, sampling settings, schemas, and checks
 of an engine's state."""
 
+import json
 import time
 
+MODEL = "tiny"  # the served model name of the server tests
 PROMPTS = [
     "Hello there, how are",
     "The quick brown fox jumps over the lazy dog and",
@@ -43,3 +45,26 @@ def assert_kv_all_free(engine) -> None:
     assert stats["kv_slots_used"] == stats["cache_tokens"], stats
     assert engine.flush_cache()
     assert engine.get_stats()["kv_slots_used"] == 0
+
+
+def sse_events(text: str) -> list:
+    """The data of each server-sent event, JSON-decoded ("[DONE]" kept as is)."""
+    out = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def assert_error(response, status: int, param: str | None) -> dict:
+    """An OpenAI-style error body whose param (and message) name the field."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    error = body["error"]
+    assert error["param"] == param, error
+    assert isinstance(error["message"], str) and error["message"]
+    if param is not None:
+        assert param in error["message"], error
+    return error

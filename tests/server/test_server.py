@@ -16,28 +16,25 @@ import time
 import httpx
 import jsonschema
 import pytest
-from common import ERROR_KEYS, GREEDY, PERSON, PHONE, PROMPTS, assert_kv_all_free
+from common import (
+    GREEDY,
+    MODEL,
+    PERSON,
+    PHONE,
+    PROMPTS,
+    assert_error,
+    assert_kv_all_free,
+    sse_events,
+)
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-import plait
 from plait.runtime.server import ServerConfig, create_app
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> str:
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    with plait.Engine(model=model_dir, max_total_tokens=8192, max_running_requests=64) as eng:
-        yield eng
-
-
-@pytest.fixture(scope="module")
 def app(engine):
-    return create_app(engine, ServerConfig(served_model_name="tiny"))
+    return create_app(engine, ServerConfig(served_model_name=MODEL))
 
 
 @pytest.fixture(scope="module")
@@ -48,29 +45,6 @@ def client(app) -> TestClient:
     # the app's shutdown hook, which stops the engine at the end of the module.
     with TestClient(app) as c:
         yield c
-
-
-def sse_events(text: str) -> list:
-    """The data of each server-sent event, JSON-decoded ("[DONE]" kept as is)."""
-    out = []
-    for block in text.split("\n\n"):
-        if block.startswith("data: "):
-            data = block[len("data: ") :]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None) -> dict:
-    """An OpenAI-style error body whose param (and message) name the field."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
-    error = body["error"]
-    assert error["param"] == param, error
-    assert isinstance(error["message"], str) and error["message"]
-    if param is not None:
-        assert param in error["message"], error
-    return error
 
 
 def assert_still_serves(client: TestClient) -> None:

@@ -22,26 +22,13 @@ import jsonschema
 import openai
 import pytest
 import uvicorn
-from common import GREEDY, PERSON, assert_kv_all_free, wait_idle
+from common import GREEDY, MODEL, PERSON, assert_kv_all_free, wait_idle
 from http_server import free_port
 
-import plait
 from plait.runtime.server import ServerConfig, create_app
 
-MODEL = "tiny"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 LONG = 400  # tokens a request would generate if it were not aborted
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> str:
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    with plait.Engine(model=model_dir, max_total_tokens=8192, max_running_requests=64) as eng:
-        yield eng
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import jsonschema
 import pytest
-from common import ERROR_KEYS, GREEDY, PERSON, PHONE
+from common import GREEDY, MODEL, PERSON, PHONE, assert_error, sse_events
 from fastapi.testclient import TestClient
 
-import plait
 from plait.runtime.server import ServerConfig, create_app
 
-MODEL = "tiny"
 MESSAGES = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "What is the capital of France?"},
@@ -29,32 +26,12 @@ MESSAGES = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> str:
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    with plait.Engine(model=model_dir, max_total_tokens=8192, max_running_requests=64) as eng:
-        yield eng
-
-
-@pytest.fixture(scope="module")
 def client(engine) -> TestClient:
     # Entered, so that one event loop serves the whole module: the engine delivers an
     # aborted request's last result to its caller's loop, which must still be open.
     config = ServerConfig(served_model_name=MODEL, chat_default_max_tokens=8)
     with TestClient(create_app(engine, config)) as c:
         yield c
-
-
-def sse_events(text: str) -> list:
-    out = []
-    for block in text.split("\n\n"):
-        if block.startswith("data: "):
-            data = block[len("data: ") :]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def completion(client: TestClient, **body) -> dict:
@@ -79,17 +56,6 @@ def stream(client: TestClient, path: str, **body) -> list:
 
 def template_prompt(engine, messages: list[dict]) -> str:
     return engine.apply_chat_template(messages)
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
-    error = body["error"]
-    assert error["param"] == param, error
-    if param is not None:
-        assert param in error["message"], error
-    return error
 
 
 # ---- /v1/models ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from common import ERROR_KEYS, MODEL
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,6 @@ import plait
 from plait.runtime.sampling_params import SamplingParams
 from plait.runtime.server import ServerConfig, create_app
 
-MODEL = "tiny"
 MAX_FUZZ_N = 4  # samples per prompt
 MAX_FUZZ_BATCH = 4  # prompts per request
 
@@ -54,7 +54,7 @@ def assert_not_a_server_error(response, request) -> None:
     assert response.status_code < 500, (request, response.text)
     if response.status_code >= 400:
         error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"}, error
+        assert set(error) == ERROR_KEYS, error
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
