@@ -78,6 +78,9 @@ class ModelConfig:
         )
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "cpu")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Options of an Engine; every field can be passed to ``plait.Engine(...)``."""
@@ -85,7 +88,7 @@ class EngineConfig:
     model: str = "smollm2"
     device: str | None = None  # None: CUDA when present, else CPU
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto: "cpu" (fused kernels) on CPU in fp32, else "torch"
     # KV cache size: max_total_tokens wins; else kv_cache_memory_gb.
     max_total_tokens: int | None = None
     kv_cache_memory_gb: float = 1.0
@@ -105,8 +108,10 @@ class EngineConfig:
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ("torch",):
-            raise ValueError(f"attention_backend={self.attention_backend!r}: supported: ['torch']")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r}: supported: {list(ATTENTION_BACKENDS)}"
+            )
         if self.max_total_tokens is not None and self.max_total_tokens < 1:
             raise ValueError(f"max_total_tokens={self.max_total_tokens!r}: must be >= 1")
         if self.kv_cache_memory_gb <= 0:

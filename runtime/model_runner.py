@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from plait.kernels.cpu import kernel_set
 from plait.runtime.attention import create_backend
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig
@@ -28,7 +29,7 @@ class ModelRunner:
         max_total_tokens: int,
         context_len: int,
         max_running_requests: int,
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
     ):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.context_len = context_len
@@ -38,7 +39,11 @@ class ModelRunner:
         model = model.to_empty(device=device).to(dtype=dtype)
         model.load_hf_state_dict(state_dict)
         model.rotary = RotaryEmbedding(cfg, context_len).to(device)  # fp32 tables
+        model.ops = kernel_set(device, dtype)
         self.model = model.eval()
+        if attention_backend == "auto":
+            attention_backend = "cpu" if model.ops.fused else "torch"
+        self.attention_backend = attention_backend
         self.kv_pool = KVPool(
             cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_total_tokens, dtype, device
         )
@@ -53,10 +58,12 @@ class ModelRunner:
             sliding_window=cfg.sliding_window,
         )
         logger.info(
-            "model %s on %s/%s; KV pool %d tokens (%.1f MiB)",
+            "model %s on %s/%s (%s glue ops, %s attention); KV pool %d tokens (%.1f MiB)",
             cfg.architecture,
             device,
             dtype,
+            "fused" if model.ops.fused else "torch",
+            attention_backend,
             max_total_tokens,
             self.kv_pool.nbytes / 2**20,
         )

@@ -81,6 +81,34 @@ def test_greedy_batch_equals_hf(tiny_model_dir, arch, kwargs):
         assert out["output_ids"] == hf_greedy(model_dir, prompt, n), prompt
 
 
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    [("llama", {"num_key_value_heads": 2}), ("mistral", {"sliding_window": 6})],
+    ids=["llama-gqa", "mistral-window-6"],
+)
+def test_fused_cpu_kernels_equal_the_torch_path(tiny_model_dir, monkeypatch, arch, kwargs):
+    """The default CPU path (fused glue ops, the `cpu` attention backend) against plain torch
+    (PLAIT_CPU_KERNELS=0), over batches that mix decode rows with prefill chunks."""
+    model_dir = tiny_model_dir(arch, **kwargs)
+    params = {**GREEDY, "max_new_tokens": 16}
+    logprobs = {"return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2}
+    runs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setenv("PLAIT_CPU_KERNELS", "0")
+        with plait.Engine(model=model_dir, max_total_tokens=2048, chunked_prefill_size=5) as eng:
+            assert eng.runner.model.ops.fused is fused
+            assert eng.runner.attention_backend == ("cpu" if fused else "torch")
+            runs[fused] = eng.generate(PROMPTS, params, **logprobs)
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert got["output_ids"] == want["output_ids"]
+        for key in ("input_token_logprobs", "output_token_logprobs"):
+            a, b = got["meta_info"][key], want["meta_info"][key]
+            assert [t for _, t, _ in a] == [t for _, t, _ in b]
+            for (x, _, _), (y, _, _) in zip(a, b):
+                assert (x is None and y is None) or x == pytest.approx(y, abs=1e-5)
+
+
 def test_chunked_prefill_gives_same_tokens(llama_dir, engine):
     prompt = " ".join(PROMPTS * 6)
     params = {**GREEDY, "max_new_tokens": 12}

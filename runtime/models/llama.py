@@ -6,7 +6,16 @@ RoPE theta and scaling, and a sliding window (Mistral). Projections that read
 the same input are fused (q|k|v and gate|up) into one matmul each.
 
 The forward runs over a flattened ragged batch (see ForwardBatch) and reads
-and writes K/V only through the attention backend.
+and writes K/V only through the attention backend. The glue between the
+matmuls (norms, RoPE, SiLU) goes through ``self.ops``, a plait.kernels
+KernelSet: fused compiled ops on CPU in float32, torch references elsewhere.
+The residual stream is updated in place and each residual add is fused with
+the norm after it:
+
+    h = norm_0(x)
+    per layer i:  x += attn(h); h = post_norm_i(x); x += mlp(h); h = norm_{i+1}(x)
+
+where norm_{L} is the final norm.
 """
 
 from __future__ import annotations
@@ -15,9 +24,9 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from plait.kernels.cpu import REFERENCE, KernelSet, rms_norm_ref
 from plait.runtime.attention.base import AttentionBackend
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig
@@ -80,10 +89,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -110,7 +116,8 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once in fp32."""
+    """cos/sin tables for every position, computed once in fp32; ``forward`` picks the
+    rows [T, head_dim] of a batch's positions, shared by all layers."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
@@ -121,18 +128,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos.index_select(0, positions).to(dtype)[:, None, :]
-        sin = self.sin.index_select(0, positions).to(dtype)[:, None, :]
-        return cos, sin
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 
 class Attention(nn.Module):
@@ -152,14 +149,19 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
+        ops: KernelSet,
     ) -> torch.Tensor:
         T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # q and k heads sit side by side: rotate them in one pass.
-        qk = apply_rope(qk.view(T, H + Hkv, D), cos, sin)
-        q, k = qk.split([H, Hkv], dim=1)
-        out = attn.forward(q, k, v.view(T, Hkv, D), self.layer)
+        qkv = self.qkv_proj(x)
+        # q and k heads sit side by side: rotate them in one pass, in place.
+        ops.rope_(qkv, cos, sin, H + Hkv, D)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        out = attn.forward(q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D), self.layer)
         return self.o_proj(out)
 
 
@@ -170,9 +172,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: KernelSet) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -183,9 +184,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos, sin, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
+        ops: KernelSet,
+        next_norm: RMSNorm,
+    ) -> torch.Tensor:
+        """x: the residual stream (updated in place); h: this layer's normed input.
+        Returns the next layer's normed input (``next_norm`` of the new x)."""
+        post = self.post_attention_layernorm
+        h = ops.add_rms_norm(x, self.self_attn(h, cos, sin, attn, ops), post.weight, post.eps)
+        return ops.add_rms_norm(x, self.mlp(h, ops), next_norm.weight, next_norm.eps)
 
 
 class LlamaFamilyModel(nn.Module):
@@ -199,16 +212,21 @@ class LlamaFamilyModel(nn.Module):
         # Kept apart from the embedding even when tied: the lookup wants [vocab, hidden],
         # the output matmul [hidden, vocab].
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.ops: KernelSet = REFERENCE  # the runner picks the set for its device and dtype
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         """Final hidden states (after the last norm) of every token of the batch: [T, hidden]."""
-        x = self.embed_tokens(batch.input_ids)
-        cos, sin = self.rotary(batch.positions, x.dtype)
+        ops = self.ops
+        x = self.embed_tokens(batch.input_ids)  # a fresh tensor: the residual stream
+        cos, sin = self.rotary(batch.positions)
         attn.prepare(batch)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+        first = self.layers[0].input_layernorm
+        h = ops.rms_norm(x, first.weight, first.eps)
+        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, norms):
+            h = layer(x, h, cos, sin, attn, ops, next_norm)
+        return h
 
     def matmul_params(self) -> int:
         """Weights multiplied per token (every Linear; the embedding is only a lookup)."""

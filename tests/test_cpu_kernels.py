@@ -1,0 +1,111 @@
+"""The fused CPU kernels (kernels/cpu_ops.cpp) against their torch references.
+
+The kernels must build on the machines plait supports: a build failure fails
+here rather than silently falling back to the slower torch ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.kernels import cpu
+
+ATOL = 2e-6
+
+
+@pytest.fixture(scope="module")
+def ops() -> cpu.KernelSet:
+    assert cpu.load(), cpu.load_error()
+    return cpu.compiled()
+
+
+def strided_rows(t: int, width: int, extra: int, seed: int) -> torch.Tensor:
+    """[t, width] rows that sit inside wider rows, like q/k/v inside a fused qkv output."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t, width + extra, generator=g)[:, :width]
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_norms_equal_reference(ops, rows):
+    w = torch.rand(576) + 0.5
+    x = strided_rows(rows, 576, 64, 0)
+    assert torch.allclose(ops.rms_norm(x, w, 1e-5), cpu.rms_norm_ref(x, w, 1e-5), atol=ATOL)
+
+    delta = strided_rows(rows, 576, 32, 1)
+    res_k, res_r = torch.randn(rows, 576), None
+    res_r = res_k.clone()
+    y_k = ops.add_rms_norm(res_k, delta, w, 1e-6)
+    y_r = cpu.add_rms_norm_ref(res_r, delta, w, 1e-6)
+    assert torch.equal(res_k, res_r)  # the residual is updated in place, exactly
+    assert torch.allclose(y_k, y_r, atol=ATOL)
+
+
+@pytest.mark.parametrize("head_dim", [64, 12])  # 12: a half narrower than one SIMD vector
+def test_rope_rotates_q_and_k_in_place_and_leaves_v(ops, head_dim):
+    T, H, Hkv = 7, 4, 2
+    width = (H + 2 * Hkv) * head_dim
+    qkv_k = strided_rows(T, width, 16, 2)
+    qkv_r = qkv_k.clone()
+    before = qkv_k.clone()
+    freqs = torch.rand(T, head_dim // 2) * 10
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    ops.rope_(qkv_k, cos, sin, H + Hkv, head_dim)
+    cpu.rope_ref_(qkv_r, cos, sin, H + Hkv, head_dim)
+    assert torch.allclose(qkv_k, qkv_r, atol=ATOL)
+    rotated = (H + Hkv) * head_dim
+    assert not torch.allclose(qkv_k[:, :rotated], before[:, :rotated])
+    assert torch.equal(qkv_k[:, rotated:], before[:, rotated:])
+
+
+def test_silu_mul(ops):
+    gate_up = strided_rows(9, 2 * 1536, 8, 3) * 4
+    assert torch.allclose(ops.silu_mul(gate_up), cpu.silu_mul_ref(gate_up), atol=ATOL, rtol=1e-5)
+
+
+def test_store_kv_writes_only_the_given_slots(ops):
+    Hkv, D = 3, 64
+    k = strided_rows(4, Hkv * D, 64, 4).view(4, Hkv, D)
+    v = strided_rows(4, Hkv * D, 64, 5).view(4, Hkv, D)
+    slots = torch.tensor([9, 2, 17, 5])
+    pools = [torch.zeros(20, Hkv, D) for _ in range(4)]
+    ops.store_kv(k, v, pools[0], pools[1], slots)
+    cpu.store_kv_ref(k, v, pools[2], pools[3], slots)
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+    assert torch.equal(pools[0][17], k[2]) and pools[0][[0, 1, 3]].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="slot 20 outside the pool"):
+        ops.store_kv(k, v, pools[0], pools[1], torch.tensor([1, 2, 3, 20]))
+
+
+@pytest.mark.parametrize(("H", "Hkv", "window"), [(9, 3, 0), (4, 4, 0), (8, 2, 5)])
+def test_decode_attention_reads_the_pool_by_slot(ops, H, Hkv, window):
+    D, slots_total, ctx = 64, 300, 64
+    g = torch.Generator().manual_seed(6)
+    k_pool = torch.randn(slots_total, Hkv, D, generator=g)
+    v_pool = torch.randn(slots_total, Hkv, D, generator=g)
+    table = torch.zeros(6, ctx, dtype=torch.int64)
+    seq_lens = torch.tensor([1, 17, 64, 9])
+    rows = torch.tensor([4, 0, 2, 5])
+    for b in range(4):  # scattered, distinct slots per sequence
+        table[rows[b], : seq_lens[b]] = (
+            torch.randperm(slots_total - 1, generator=g)[: seq_lens[b]] + 1
+        )
+    q = strided_rows(4, H * D, 3 * D, 7).view(4, H, D)
+    got = ops.decode_attention(q, k_pool, v_pool, table, rows, seq_lens, D**-0.5, window)
+    want = cpu.decode_attention_ref(q, k_pool, v_pool, table, rows, seq_lens, D**-0.5, window)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_decode_attention_rejects_lengths_outside_the_table(ops):
+    q = torch.randn(1, 2, 8)
+    pool = torch.randn(10, 1, 8)
+    table = torch.ones(1, 4, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="outside the table"):
+        ops.decode_attention(q, pool, pool, table, torch.tensor([0]), torch.tensor([5]), 1.0, 0)
+
+
+def test_kernel_set_picks_compiled_ops_for_cpu_float32_only(ops):
+    assert cpu.kernel_set(torch.device("cpu"), torch.float32).fused
+    assert not cpu.kernel_set(torch.device("cpu"), torch.bfloat16).fused
+    assert cpu.kernel_set(torch.device("cpu"), torch.bfloat16) is cpu.REFERENCE
