@@ -158,7 +158,8 @@ def load() -> bool:
             cpp_extension.load(
                 name="plait_cpu_ops",
                 sources=[str(_SOURCE)],
-                extra_cflags=["-O3", *cap_flags],
+                extra_cflags=["-O3", "-fopenmp", *cap_flags],
+                extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
                 is_python_module=False,
                 verbose=False,

@@ -28,6 +28,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace plait_cpu {
@@ -178,10 +180,60 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::
 }
 
 // One query token per sequence b, attending over the first seq_lens[b] slots of
-// table row rows[b] (the last `window` of them when window > 0). Grouped-query:
-// the H / Hkv query heads sharing a KV head are done together, so each K/V row
-// is read once per group. Softmax in two passes over the scores (exact, no
-// running rescale).
+// table row rows[b] (the last `window` of them when window > 0).
+//
+// Work items are (chunk of kChunk positions, KV head): a long sequence spreads
+// over every thread (split-K, "flash-decoding"), and the H / Hkv query heads
+// that share a KV head are done together, so each K/V row is read once per
+// group. A chunk keeps its own max and sum of exp; a second pass merges the
+// chunks of each sequence.
+namespace {
+constexpr int64_t kChunk = 256;
+constexpr int64_t kBlock = 4 * kVec;  // output floats kept in registers while summing V rows
+
+float hsum(const Vec& v) {
+  float buf[kVec];
+  v.store(buf);
+  float s = 0.f;
+  for (int64_t j = 0; j < kVec; ++j) s += buf[j];
+  return s;
+}
+
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+#define PLAIT_HADD8
+// The eight horizontal sums of a[0..7], as one vector (AVX2: Vec is one __m256).
+Vec hsum8(const Vec* a) {
+  __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit lane
+  return Vec(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
+#endif
+
+void prefetch_row(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(p + i);
+}
+
+// Scores -> exp(score - max) in place; returns (max, sum).
+std::pair<float, float> softmax_numerators(float* sc, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sc[i]);
+  Vec vmx(mx), acc(0.f);
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) {
+    Vec e = (Vec::loadu(sc + i) - vmx).exp();
+    e.store(sc + i);
+    acc = acc + e;
+  }
+  float sum = hsum(acc);
+  for (; i < n; ++i) {
+    sc[i] = std::exp(sc[i] - mx);
+    sum += sc[i];
+  }
+  return {mx, sum};
+}
+}  // namespace
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                             const at::Tensor& table, const at::Tensor& rows, const at::Tensor& seq_lens,
                             double scale, int64_t window) {
@@ -202,66 +254,118 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   const int64_t G = H / Hkv;
   const int64_t *prow = rows.data_ptr<int64_t>(), *plen = seq_lens.data_ptr<int64_t>();
   const int64_t* ptab = table.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
+
+  // Sequence b covers positions [first[b], plen[b]) in chunks chunk_begin[b] .. chunk_begin[b+1].
+  std::vector<int64_t> first(B), chunk_begin(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(prow[b] >= 0 && prow[b] < table.size(0) && plen[b] >= 1 && plen[b] <= ctx,
                 "plait_cpu: sequence ", b, " (row ", prow[b], ", length ", plen[b], ") is outside the table");
-  auto out = at::empty({B, H * D}, q.options());
+    first[b] = window > 0 ? std::max<int64_t>(0, plen[b] - window) : 0;
+    const int64_t* slot = ptab + prow[b] * ctx;
+    for (int64_t i = first[b]; i < plen[b]; ++i)
+      TORCH_CHECK(slot[i] >= 0 && slot[i] < n_slots, "plait_cpu: slot ", slot[i], " outside the pool");
+    chunk_begin[b + 1] = chunk_begin[b] + (plen[b] - first[b] + kChunk - 1) / kChunk;
+  }
+  const int64_t n_chunks = chunk_begin[B];
+  // Per (chunk, KV head, group member): unnormalised output [D], max and sum of exp.
+  auto part = at::empty({n_chunks * H, D + 2}, q.options());
+  float* ppart = part.data_ptr<float>();
   const float *pq = q.data_ptr<float>(), *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
-  float* po = out.data_ptr<float>();
   const int64_t sq = q.stride(0), srow = Hkv * D;
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+  at::parallel_for(0, n_chunks * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * kChunk);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / Hkv, kh = w % Hkv;
-      const int64_t len = plen[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - first;
-      const int64_t* slot = ptab + prow[b] * ctx + first;
-      for (int64_t i = 0; i < n; ++i)
-        TORCH_CHECK(slot[i] >= 0 && slot[i] < n_slots, "plait_cpu: slot ", slot[i], " outside the pool");
-      scores.resize(G * n);
-      // Scores, then their max per head.
-      for (int64_t i = 0; i < n; ++i) {
-        const float* k = kp + slot[i] * srow + kh * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * n + i] = dot(pq + b * sq + (kh * G + g) * D, k, D) * fscale;
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sc = scores.data() + g * n;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sc[i]);
-        // exp(s - max), vectorized, then the sum.
-        Vec vmx(mx), acc(0.f);
-        int64_t i = 0;
-        for (; i + kVec <= n; i += kVec) {
-          Vec e = (Vec::loadu(sc + i) - vmx).exp();
-          e.store(sc + i);
-          acc = acc + e;
-        }
-        float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-        for (; i < n; ++i) {
-          sc[i] = std::exp(sc[i] - mx);
-          sum += sc[i];
-        }
-        const float inv = 1.f / sum;
-        for (i = 0; i < n; ++i) sc[i] *= inv;
-      }
-      // Weighted sum of V rows, one output head per group member.
-      for (int64_t g = 0; g < G; ++g) {
-        float* o = po + b * H * D + (kh * G + g) * D;
-        std::fill_n(o, D, 0.f);
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const float* v = vp + slot[i] * srow + kh * D;
+      const int64_t c = w / Hkv, kh = w % Hkv;
+      const int64_t b = std::upper_bound(chunk_begin.begin(), chunk_begin.end(), c) - chunk_begin.begin() - 1;
+      const int64_t lo = first[b] + (c - chunk_begin[b]) * kChunk;
+      const int64_t n = std::min(kChunk, plen[b] - lo);
+      const int64_t* slot = ptab + prow[b] * ctx + lo;
+      const float* qh = pq + b * sq + kh * G * D;
+      int64_t i = 0;
+#ifdef PLAIT_HADD8
+      // Eight positions at a time: eight dot-product accumulators, summed across in one go.
+      for (; D % kVec == 0 && i + 8 <= n; i += 8) {
+        for (int64_t j = 0; j < 8; ++j) prefetch_row(kp + slot[std::min(i + 8 + j, n - 1)] * srow + kh * D, D);
         for (int64_t g = 0; g < G; ++g) {
-          float* o = po + b * H * D + (kh * G + g) * D;
-          Vec p(scores[g * n + i]);
-          int64_t d = 0;
-          for (; d + kVec <= D; d += kVec) at::vec::fmadd(p, Vec::loadu(v + d), Vec::loadu(o + d)).store(o + d);
-          for (; d < D; ++d) o[d] += scores[g * n + i] * v[d];
+          const float* qg = qh + g * D;
+          Vec acc[8];
+          for (int64_t j = 0; j < 8; ++j) {
+            const float* k = kp + slot[i + j] * srow + kh * D;
+            Vec a(0.f);
+            for (int64_t d = 0; d < D; d += kVec) a = at::vec::fmadd(Vec::loadu(qg + d), Vec::loadu(k + d), a);
+            acc[j] = a;
+          }
+          (hsum8(acc) * Vec(fscale)).store(scores.data() + g * n + i);
         }
       }
+#endif
+      for (; i < n; ++i) {
+        if (i + 4 < n) prefetch_row(kp + slot[i + 4] * srow + kh * D, D);
+        const float* k = kp + slot[i] * srow + kh * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qh + g * D;
+          Vec acc(0.f);
+          int64_t d = 0;
+          for (; d + kVec <= D; d += kVec) acc = at::vec::fmadd(Vec::loadu(qg + d), Vec::loadu(k + d), acc);
+          float s = hsum(acc);
+          for (; d < D; ++d) s += qg[d] * k[d];
+          scores[g * n + i] = s * fscale;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* out = ppart + ((c * Hkv + kh) * G + g) * (D + 2);
+        const float* p = scores.data() + g * n;
+        std::tie(out[D], out[D + 1]) = softmax_numerators(scores.data() + g * n, n);
+        // out[0:D] = sum_i p[i] V[slot[i]], a block of kBlock floats in registers at a time.
+        int64_t d = 0;
+        for (; d + kBlock <= D; d += kBlock) {
+          Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+          for (int64_t i = 0; i < n; ++i) {
+            const float* v = vp + slot[i] * srow + kh * D + d;
+            if (g == 0 && d == 0 && i + 4 < n) prefetch_row(vp + slot[i + 4] * srow + kh * D, D);
+            Vec pi(p[i]);
+            a0 = at::vec::fmadd(pi, Vec::loadu(v), a0);
+            a1 = at::vec::fmadd(pi, Vec::loadu(v + kVec), a1);
+            a2 = at::vec::fmadd(pi, Vec::loadu(v + 2 * kVec), a2);
+            a3 = at::vec::fmadd(pi, Vec::loadu(v + 3 * kVec), a3);
+          }
+          a0.store(out + d);
+          a1.store(out + d + kVec);
+          a2.store(out + d + 2 * kVec);
+          a3.store(out + d + 3 * kVec);
+        }
+        for (; d < D; ++d) {
+          float acc = 0.f;
+          for (int64_t i = 0; i < n; ++i) acc += p[i] * vp[slot[i] * srow + kh * D + d];
+          out[d] = acc;
+        }
+      }
+    }
+  });
+
+  // Merge each sequence's chunks: o = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c.
+  auto out = at::empty({B, H * D}, q.options());
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / H, h = w % H;
+      float* o = po + b * H * D + h * D;
+      const int64_t c0 = chunk_begin[b], c1 = chunk_begin[b + 1];
+      auto chunk = [&](int64_t c) { return ppart + (c * H + h) * (D + 2); };
+      float M = -std::numeric_limits<float>::infinity();
+      for (int64_t c = c0; c < c1; ++c) M = std::max(M, chunk(c)[D]);
+      float denom = 0.f;
+      std::fill_n(o, D, 0.f);
+      for (int64_t c = c0; c < c1; ++c) {
+        const float* part_c = chunk(c);
+        const float f = c1 - c0 == 1 ? 1.f : std::exp(part_c[D] - M);
+        denom += f * part_c[D + 1];
+        for (int64_t d = 0; d < D; ++d) o[d] += f * part_c[d];
+      }
+      const float inv = 1.f / denom;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
     }
   });
   return out;

@@ -78,14 +78,19 @@ def test_store_kv_writes_only_the_given_slots(ops):
         ops.store_kv(k, v, pools[0], pools[1], torch.tensor([1, 2, 3, 20]))
 
 
-@pytest.mark.parametrize(("H", "Hkv", "window"), [(9, 3, 0), (4, 4, 0), (8, 2, 5)])
-def test_decode_attention_reads_the_pool_by_slot(ops, H, Hkv, window):
-    D, slots_total, ctx = 64, 300, 64
+@pytest.mark.parametrize(
+    ("H", "Hkv", "D", "window"),
+    [(9, 3, 64, 0), (4, 4, 64, 0), (8, 2, 64, 5), (8, 2, 64, 300), (6, 2, 20, 0)],
+)
+def test_decode_attention_reads_the_pool_by_slot(ops, H, Hkv, D, window):
+    # Lengths cross the kernel's 256-position chunks (merged afterwards); D=20 is not a
+    # multiple of the SIMD width.
+    slots_total, ctx = 1400, 640
     g = torch.Generator().manual_seed(6)
     k_pool = torch.randn(slots_total, Hkv, D, generator=g)
     v_pool = torch.randn(slots_total, Hkv, D, generator=g)
     table = torch.zeros(6, ctx, dtype=torch.int64)
-    seq_lens = torch.tensor([1, 17, 64, 9])
+    seq_lens = torch.tensor([1, 17, 600, 263])
     rows = torch.tensor([4, 0, 2, 5])
     for b in range(4):  # scattered, distinct slots per sequence
         table[rows[b], : seq_lens[b]] = (
