@@ -19,6 +19,7 @@ keeps the references.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pathlib
@@ -134,6 +135,40 @@ def _capability_flags() -> tuple[str, list[str]]:
     return "default", []
 
 
+def _build() -> tuple[pathlib.Path, str]:
+    """Compile (or find compiled) and load the library; returns its build dir and SIMD level."""
+    from torch.utils import cpp_extension
+
+    from plait.runtime.loader import default_cache_dir
+
+    cap, cap_flags = _capability_flags()
+    cflags = ["-O3", "-fopenmp", *cap_flags]
+    # One build per (source, flags, torch, python): an edited source never meets a stale .so.
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    py = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    build_dir = (
+        default_cache_dir()
+        / "kernels"
+        / f"torch{torch.__version__.split('+')[0]}-{py}-{cap}-{digest}"
+    )
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # A venv's ninja (the `ninja` dependency) sits beside its python, maybe not on PATH.
+    scripts = sysconfig.get_path("scripts")
+    if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    cpp_extension.load(
+        name="plait_cpu_ops",
+        sources=[str(_SOURCE)],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    torch.ops.plait_cpu.silu_mul  # noqa: B018 - fails if the library did not register
+    return build_dir, cap
+
+
 def load() -> bool:
     """Build (first time on this machine) and load ``torch.ops.plait_cpu``; False, with the reason
     in ``load_error()``, where that is impossible (no C++ compiler, no ninja)."""
@@ -141,31 +176,10 @@ def load() -> bool:
     with _lock:
         if _loaded is not None:
             return _loaded
-        from torch.utils import cpp_extension
-
-        from plait.runtime.loader import default_cache_dir
-
-        cap, cap_flags = _capability_flags()
-        tag = f"torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-{cap}"
-        build_dir = default_cache_dir() / "kernels" / tag
-        build_dir.mkdir(parents=True, exist_ok=True)
-        # A venv's ninja (the `ninja` dependency) sits beside its python, maybe not on PATH.
-        scripts = sysconfig.get_path("scripts")
-        if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
         t0 = time.perf_counter()
         try:
-            cpp_extension.load(
-                name="plait_cpu_ops",
-                sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-fopenmp", *cap_flags],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir),
-                is_python_module=False,
-                verbose=False,
-            )
-            torch.ops.plait_cpu.silu_mul  # noqa: B018 - fails if the library did not register
-        except Exception as e:  # a missing compiler surfaces as several exception types
+            build_dir, cap = _build()
+        except Exception as e:  # a missing compiler or source surfaces as several exception types
             _load_error = f"{type(e).__name__}: {e}".strip()[:2000]
             logger.warning("plait CPU kernels unavailable, using torch ops: %s", _load_error)
             _loaded = False

@@ -45,6 +45,11 @@ void check_rows(const at::Tensor& t, const char* name, int64_t dims) {
   TORCH_CHECK(t.stride(-1) == 1, "plait_cpu: ", name, "'s last dimension must be contiguous");
 }
 
+// An in-place op's rows must not overlap (an expanded tensor would be written by several threads).
+void check_writable_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), "plait_cpu: ", name, "'s rows overlap");
+}
+
 void check_index(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous(),
               "plait_cpu: ", name, " must be a contiguous int64 CPU tensor");
@@ -92,9 +97,11 @@ at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at:
   check_rows(residual, "residual", 2);
   check_rows(delta, "delta", 2);
   check_rows(w, "w", 1);
+  check_writable_rows(residual, "residual");
   TORCH_CHECK(residual.sizes() == delta.sizes(), "plait_cpu: residual ", residual.sizes(),
               " and delta ", delta.sizes(), " differ");
   const int64_t rows = residual.size(0), n = residual.size(1);
+  TORCH_CHECK(w.size(0) == n, "plait_cpu: w has ", w.size(0), " entries for rows of ", n);
   auto y = at::empty({rows, n}, residual.options());
   float* pr = residual.data_ptr<float>();
   const float *pd = delta.data_ptr<float>(), *pw = w.data_ptr<float>();
@@ -119,6 +126,7 @@ at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at:
 // cos/sin: one [D] row per token (the two halves hold the same values).
 void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads, int64_t head_dim) {
   check_rows(qkv, "qkv", 2);
+  check_writable_rows(qkv, "qkv");
   check_rows(cos, "cos", 2);
   check_rows(sin, "sin", 2);
   const int64_t T = qkv.size(0), D = head_dim, h = D / 2;
@@ -241,6 +249,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   check_index(table, "table");
   check_index(rows, "rows");
   check_index(seq_lens, "seq_lens");
+  TORCH_CHECK(table.dim() == 2, "plait_cpu: table must be [rows, context]");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.dim() == 3 &&
                   k_pool.scalar_type() == at::kFloat && v_pool.sizes() == k_pool.sizes() &&
                   v_pool.scalar_type() == at::kFloat,

@@ -59,6 +59,15 @@ def test_rope_rotates_q_and_k_in_place_and_leaves_v(ops, head_dim):
     assert torch.equal(qkv_k[:, rotated:], before[:, rotated:])
 
 
+def test_in_place_ops_reject_overlapping_rows(ops):
+    w = torch.ones(8)
+    shared = torch.randn(1, 8).expand(3, 8)  # three rows on the same memory
+    with pytest.raises(RuntimeError, match="rows overlap"):
+        ops.add_rms_norm(shared, torch.randn(3, 8), w, 1e-6)
+    with pytest.raises(RuntimeError, match="w has 4 entries"):
+        ops.add_rms_norm(torch.randn(3, 8), torch.randn(3, 8), torch.ones(4), 1e-6)
+
+
 def test_silu_mul(ops):
     gate_up = strided_rows(9, 2 * 1536, 8, 3) * 4
     assert torch.allclose(ops.silu_mul(gate_up), cpu.silu_mul_ref(gate_up), atol=ATOL, rtol=1e-5)
@@ -80,11 +89,11 @@ def test_store_kv_writes_only_the_given_slots(ops):
 
 @pytest.mark.parametrize(
     ("H", "Hkv", "D", "window"),
-    [(9, 3, 64, 0), (4, 4, 64, 0), (8, 2, 64, 5), (8, 2, 64, 300), (6, 2, 20, 0)],
+    [(9, 3, 64, 0), (4, 4, 64, 0), (8, 2, 64, 5), (8, 2, 64, 300), (6, 2, 20, 0), (4, 2, 80, 0)],
 )
 def test_decode_attention_reads_the_pool_by_slot(ops, H, Hkv, D, window):
-    # Lengths cross the kernel's 256-position chunks (merged afterwards); D=20 is not a
-    # multiple of the SIMD width.
+    # Lengths cross the kernel's 256-position chunks (merged afterwards); D=20 and D=80 are
+    # not multiples of the register block (32 floats with AVX2), 20 not of the SIMD width.
     slots_total, ctx = 1400, 640
     g = torch.Generator().manual_seed(6)
     k_pool = torch.randn(slots_total, Hkv, D, generator=g)
@@ -114,3 +123,13 @@ def test_kernel_set_picks_compiled_ops_for_cpu_float32_only(ops):
     assert cpu.kernel_set(torch.device("cpu"), torch.float32).fused
     assert not cpu.kernel_set(torch.device("cpu"), torch.bfloat16).fused
     assert cpu.kernel_set(torch.device("cpu"), torch.bfloat16) is cpu.REFERENCE
+
+
+def test_a_failed_build_falls_back_to_the_torch_ops(ops, monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "_loaded", None)
+    monkeypatch.setattr(cpu, "_load_error", None)
+    monkeypatch.setattr(cpu, "_SOURCE", tmp_path / "missing_ops.cpp")
+    assert cpu.kernel_set(torch.device("cpu"), torch.float32) is cpu.REFERENCE
+    assert "missing_ops.cpp" in cpu.load_error()
+    with pytest.raises(RuntimeError, match="could not be built"):
+        cpu.compiled()

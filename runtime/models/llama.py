@@ -219,7 +219,7 @@ class LlamaFamilyModel(nn.Module):
         """Final hidden states (after the last norm) of every token of the batch: [T, hidden]."""
         ops = self.ops
         x = self.embed_tokens(batch.input_ids)  # a fresh tensor: the residual stream
-        cos, sin = self.rotary(batch.positions)
+        cos, sin = (t.to(x.dtype) for t in self.rotary(batch.positions))
         attn.prepare(batch)
         first = self.layers[0].input_layernorm
         h = ops.rms_norm(x, first.weight, first.eps)
