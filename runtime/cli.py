@@ -5,6 +5,7 @@ plait serve --model smollm2 --port 30000
 plait bench engine --threads 2
 plait bench prefix --threads 2
 plait bench grammar --threads 2
+plait bench kernels --threads 2
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ def _bench(a: argparse.Namespace) -> int:
         from plait.runtime.server import bench as bench_server
 
         return bench_server.main(a)
+    if a.workload == "kernels":
+        from plait.runtime import bench_kernels
+
+        return bench_kernels.main(a)
     if a.workload == "grammar":
         from plait.runtime import bench_grammar
 
@@ -159,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
             "grammar",
             "programs",
             "server",
+            "kernels",
         ],
         help="engine: raw speed; few-shot, multi-turn, fork: prefix reuse; prefix: all three; "
-        "grammar: constrained decoding; programs: DSL programs; server: HTTP serving",
+        "grammar: constrained decoding; programs: DSL programs; server: HTTP serving; "
+        "kernels: the fused CPU kernels against the torch ops they replace",
     )
     _engine_args(b)
     b.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")

@@ -133,3 +133,14 @@ def test_a_failed_build_falls_back_to_the_torch_ops(ops, monkeypatch, tmp_path):
     assert "missing_ops.cpp" in cpu.load_error()
     with pytest.raises(RuntimeError, match="could not be built"):
         cpu.compiled()
+
+
+def test_bench_kernels_prints_every_op(ops, monkeypatch, capsys):
+    import argparse
+
+    from plait.runtime import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "_time_us", lambda fn: (fn(), 1.0)[1])
+    assert bench_kernels.main(argparse.Namespace(threads=torch.get_num_threads())) == 0
+    out = capsys.readouterr().out
+    assert out.count("decode attention") == 4 and out.count("rms_norm") == 2
