@@ -19,6 +19,7 @@ keeps the references.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -156,15 +157,21 @@ def _build() -> tuple[pathlib.Path, str]:
     scripts = sysconfig.get_path("scripts")
     if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-    cpp_extension.load(
-        name="plait_cpu_ops",
-        sources=[str(_SOURCE)],
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    # torch's own build lock is a plain file that a killed build leaves behind, after which
+    # every later build waits on it forever. Builders take this flock first (the kernel drops
+    # it when a process dies), so a torch lock file seen while holding it is stale.
+    with open(build_dir / "plait-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        cpp_extension.load(
+            name="plait_cpu_ops",
+            sources=[str(_SOURCE)],
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
     torch.ops.plait_cpu.silu_mul  # noqa: B018 - fails if the library did not register
     return build_dir, cap
 

@@ -111,6 +111,23 @@ def test_decode_attention_reads_the_pool_by_slot(ops, H, Hkv, D, window):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_decode_attention_does_not_depend_on_the_thread_count(ops):
+    """Work is split by (chunk, KV head) and merged per sequence in a fixed order, so the
+    result is bitwise the same on one thread or several."""
+    g = torch.Generator().manual_seed(8)
+    k_pool, v_pool = torch.randn(2, 1300, 3, 64, generator=g)
+    table = (torch.randperm(1299, generator=g) + 1)[:1200].view(2, 600)
+    q = torch.randn(2, 9, 64, generator=g)
+    args = (q, k_pool, v_pool, table, torch.tensor([0, 1]), torch.tensor([600, 333]), 0.125, 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.decode_attention(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ops.decode_attention(*args), one)
+
+
 def test_decode_attention_rejects_lengths_outside_the_table(ops):
     q = torch.randn(1, 2, 8)
     pool = torch.randn(10, 1, 8)
