@@ -325,8 +325,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
       }
       for (int64_t g = 0; g < G; ++g) {
         float* out = ppart + ((c * Hkv + kh) * G + g) * (D + 2);
-        const float* p = scores.data() + g * n;
-        std::tie(out[D], out[D + 1]) = softmax_numerators(scores.data() + g * n, n);
+        float* p = scores.data() + g * n;
+        std::tie(out[D], out[D + 1]) = softmax_numerators(p, n);
         // out[0:D] = sum_i p[i] V[slot[i]], a block of kBlock floats in registers at a time.
         int64_t d = 0;
         for (; d + kBlock <= D; d += kBlock) {

@@ -11,6 +11,7 @@ import re
 
 import jsonschema
 import pytest
+from common import PHONE
 
 import plait
 from plait.runtime.constrained import GrammarError
@@ -42,7 +43,6 @@ FIXED_KEYS = {
     "required": ["name", "age", "student"],
     "additionalProperties": False,
 }
-PHONE = r"[0-9]{3}-[0-9]{4}"
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,8 @@ class TorchAttentionBackend(AttentionBackend):
         if dec:
             self.dec_rows = torch.tensor([r for _, r, _ in dec], device=dev)
             self.dec_contiguous = dec[-1][1] == len(dec) - 1
-            req_rows = (
-                batch.req_rows
-                if len(dec) == len(batch.extend_lens)
-                else (batch.req_rows[[b for b, _, _ in dec]])
-            )
+            all_decode = len(dec) == len(batch.extend_lens)
+            req_rows = batch.req_rows if all_decode else batch.req_rows[[b for b, _, _ in dec]]
             self._prepare_decode(req_rows, [s for _, _, s in dec])
 
     def _prepare_decode(self, req_rows: torch.Tensor, seq_lens: list[int]) -> None:

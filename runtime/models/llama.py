@@ -26,7 +26,7 @@ import os
 import torch
 from torch import nn
 
-from plait.kernels.cpu import REFERENCE, KernelSet, rms_norm_ref
+from plait.kernels.cpu import REFERENCE, KernelSet
 from plait.runtime.attention.base import AttentionBackend
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig
@@ -83,13 +83,13 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """An RMSNorm's weight and epsilon; the model applies it through its KernelSet
+    (``rms_norm``, or ``add_rms_norm`` fused with the residual add before it)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_ref(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
