@@ -134,11 +134,15 @@ class RadixCache:
             node = child
             i += n
         if record:
-            self._touch(node)
-            self.stats.query_tokens += len(tokens)
-            self.stats.hit_tokens += i
+            self.record_query(node, len(tokens), i)
         slots = torch.cat(parts) if parts else self._empty
         return MatchResult(slots, node)
+
+    def record_query(self, node: TreeNode, query_tokens: int, hit_tokens: int) -> None:
+        """Count a use of a match made with ``record=False`` (once it is really used)."""
+        self._touch(node)
+        self.stats.query_tokens += query_tokens
+        self.stats.hit_tokens += hit_tokens
 
     def insert(
         self, tokens: Sequence[int], slots: torch.Tensor, namespace: Hashable | None = None
@@ -299,6 +303,9 @@ class NullCache:
         if record:
             self.stats.query_tokens += len(tokens)
         return MatchResult(self._empty, self._root)
+
+    def record_query(self, node: TreeNode, query_tokens: int, hit_tokens: int) -> None:
+        self.stats.query_tokens += query_tokens
 
     def insert(
         self, tokens: Sequence[int], slots: torch.Tensor, namespace: Hashable | None = None

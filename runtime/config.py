@@ -102,6 +102,8 @@ class EngineConfig:
     grammar_backend: str = "llguidance"
     grammar_compile_timeout_s: float = 10.0
     disable_jump_forward: bool = False
+    # The most top logprobs one request may ask for per position (OpenAI's cap).
+    max_top_logprobs_num: int = 20
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     random_seed: int | None = None
     cache_dir: str | None = None
@@ -124,6 +126,8 @@ class EngineConfig:
             raise ValueError(
                 f"grammar_backend={self.grammar_backend!r}: supported: {list(GRAMMAR_BACKENDS)}"
             )
+        if self.max_top_logprobs_num < 0:
+            raise ValueError(f"max_top_logprobs_num={self.max_top_logprobs_num!r}: must be >= 0")
         if self.grammar_compile_timeout_s <= 0:
             raise ValueError(
                 f"grammar_compile_timeout_s={self.grammar_compile_timeout_s!r}: must be > 0"

@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields
 from typing import Any
 
@@ -55,24 +55,40 @@ class EngineShutdownError(RuntimeError):
     pass
 
 
-class _QueueSink:
+class _Sink:
+    """Delivers a request's results to its caller; ``on_final`` runs once the last
+    one (a result with a finish reason) has been handed over."""
+
+    on_final: Callable[[], None] | None = None
+
+    def __call__(self, item: Any) -> None:
+        self.deliver(item)
+        final = not isinstance(item, dict) or item["meta_info"]["finish_reason"] is not None
+        if final and self.on_final is not None:
+            self.on_final()
+
+    def deliver(self, item: Any) -> None:
+        raise NotImplementedError
+
+
+class _QueueSink(_Sink):
     """Delivers a request's results to a thread waiting on ``queue``."""
 
     def __init__(self) -> None:
         self.queue: queue.Queue = queue.Queue()
 
-    def __call__(self, item: Any) -> None:
+    def deliver(self, item: Any) -> None:
         self.queue.put(item)
 
 
-class _LoopSink:
+class _LoopSink(_Sink):
     """Delivers a request's results to an asyncio queue; a caller whose event loop
     has closed is gone, and its results are dropped (the loop thread must not fail)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
         self.loop, self.queue = loop, q
 
-    def __call__(self, item: Any) -> None:
+    def deliver(self, item: Any) -> None:
         with contextlib.suppress(RuntimeError):  # "Event loop is closed"
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
@@ -126,6 +142,10 @@ class Engine:
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self._rng = random.Random(cfg.random_seed)
+        # Requests in flight, rid -> the rid the caller gave (``x`` for ``x-0``, ``x-1``
+        # of an n=2 request): a rid names one request at a time.
+        self._inflight: dict[str, str] = {}
+        self._rids_lock = threading.Lock()
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
         self._loop_error: BaseException | None = None
@@ -175,9 +195,13 @@ class Engine:
             rid,
             sinks=None,
         )
-        for r in reqs:  # compiled off the loop thread; a bad grammar raises here
-            if r.grammar_future is not None:
-                r.set_grammar(r.grammar_future.result())
+        try:  # compiled off the loop thread; a bad grammar raises here
+            for r in reqs:
+                if r.grammar_future is not None:
+                    r.set_grammar(r.grammar_future.result())
+        except BaseException:
+            self._cancel_grammars(reqs)
+            raise
         if stream:
             return self._stream(reqs)
         self._submit(reqs)
@@ -206,21 +230,30 @@ class Engine:
             queues.append(q)
             return _LoopSink(loop, q)
 
-        reqs, single = self._make_requests(
-            prompt,
-            sampling_params,
-            input_ids,
-            return_logprob,
-            logprob_start_len,
-            top_logprobs_num,
-            return_text_in_logprobs,
-            stream,
-            rid,
-            sinks=make_sink,
+        # Tokenizing (and compiling a grammar) can take long: off the event loop.
+        reqs, single = await loop.run_in_executor(
+            None,
+            functools.partial(
+                self._make_requests,
+                prompt,
+                sampling_params,
+                input_ids,
+                return_logprob,
+                logprob_start_len,
+                top_logprobs_num,
+                return_text_in_logprobs,
+                stream,
+                rid,
+                sinks=make_sink,
+            ),
         )
-        for r in reqs:
-            if r.grammar_future is not None:
-                r.set_grammar(await asyncio.wrap_future(r.grammar_future))
+        try:
+            for r in reqs:
+                if r.grammar_future is not None:
+                    r.set_grammar(await asyncio.wrap_future(r.grammar_future))
+        except BaseException:  # a bad grammar, or the caller went away: stop compiling
+            self._cancel_grammars(reqs)
+            raise
         self._submit(reqs)
         if stream:
             return self._astream(reqs[0], queues[0])
@@ -232,9 +265,15 @@ class Engine:
             raise
         return results[0] if single else results
 
-    def abort(self, rid: str) -> None:
-        """Abort a request in any state; everything it holds is freed."""
-        self._inbox.put(("abort", rid))
+    def abort(self, rid: str) -> bool:
+        """Abort a request in any state; everything it holds is freed. ``rid`` may also
+        be the rid given to an n > 1 or batch request (all its parts abort). False when
+        no request of that rid is in flight."""
+        with self._rids_lock:
+            rids = [r for r, given in self._inflight.items() if rid in (r, given)]
+        for r in rids:
+            self._inbox.put(("abort", r))
+        return bool(rids)
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
@@ -349,14 +388,16 @@ class Engine:
         given = [r for r in rids if r is not None]
         if len(set(given)) != len(given):
             raise RequestError("rid", rid, "rids must be unique")
-        vocab = self.model_config.vocab_size
+        cap = min(self.model_config.vocab_size, self.config.max_top_logprobs_num)
         if top_logprobs_num is not None and (
             not isinstance(top_logprobs_num, int)
             or isinstance(top_logprobs_num, bool)
-            or not 0 <= top_logprobs_num <= vocab
+            or not 0 <= top_logprobs_num <= cap
         ):
             raise RequestError(
-                "top_logprobs_num", top_logprobs_num, f"must be an integer in [0, {vocab}]"
+                "top_logprobs_num",
+                top_logprobs_num,
+                f"must be an integer in [0, {cap}] (max_top_logprobs_num)",
             )
         if logprob_start_len is not None and not isinstance(logprob_start_len, int):
             raise RequestError("logprob_start_len", logprob_start_len, "must be an integer")
@@ -365,7 +406,11 @@ class Engine:
         for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
             params = SamplingParams.from_dict(raw).verify(self.model_config.vocab_size)
             self._check_ids(ids, i if not single else None)
-            params.max_new_tokens = min(params.max_new_tokens, self.context_len - len(ids))
+            # Past the context, max_new_tokens is capped (and the result says so in
+            # meta_info["capped_max_new_tokens"]) rather than refused.
+            requested = params.max_new_tokens
+            params.max_new_tokens = min(requested, self.context_len - len(ids))
+            capped = params.max_new_tokens if params.max_new_tokens < requested else None
             if len(ids) + params.max_new_tokens > self.max_total_tokens:
                 raise RequestError(
                     "max_new_tokens",
@@ -390,10 +435,13 @@ class Engine:
                         logprob_start_len,
                         top_logprobs_num or 0,
                         return_text_in_logprobs,
-                        sinks() if sinks else self._queue_sink(),
+                        sinks() if sinks else _QueueSink(),
                     )
                 )
                 reqs[-1].grammar_future = grammar
+                reqs[-1].grammar_spec = spec
+                reqs[-1].capped_max_new_tokens = capped
+                reqs[-1].given_rid = rid if isinstance(rid, str) else rids[i] or reqs[-1].rid
         return reqs, single and len(reqs) == 1
 
     def _check_ids(self, ids: list[int], index: int | None) -> None:
@@ -430,7 +478,14 @@ class Engine:
         if not params.is_greedy:
             seed = params.seed + k if params.seed is not None else self._rng.randrange(2**62)
             generator = torch.Generator(self.device).manual_seed(seed)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            params.stop,
+            params.skip_special_tokens,
+            stop_regex=params.stop_regex,
+            no_stop_trim=params.no_stop_trim,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+        )
         return Req(
             rid,
             ids,
@@ -446,14 +501,35 @@ class Engine:
             jump_forward=not self.config.disable_jump_forward,
         )
 
-    @staticmethod
-    def _queue_sink() -> _QueueSink:
-        return _QueueSink()
+    def _cancel_grammars(self, reqs: list[Req]) -> None:
+        """The requests end before running: stop compiles nobody else waits for."""
+        for r in reqs:
+            if r.grammar_future is not None and not r.grammar_future.done():
+                self.grammar_compiler.cancel(r.grammar_spec)
 
     def _submit(self, reqs: list[Req]) -> None:
         if self._loop_error is not None:
             raise EngineShutdownError(f"engine loop died: {self._loop_error!r}")
+        self._register(reqs)
         self._inbox.put(("add", reqs))
+
+    def _register(self, reqs: list[Req]) -> None:
+        """Claim the requests' rids; a rid already in flight is refused, so an abort (or
+        a client's disconnect) can only ever reach the request it belongs to."""
+        with self._rids_lock:
+            taken = set(self._inflight) | set(self._inflight.values())
+            for r in reqs:
+                if r.rid in taken or r.given_rid in taken:
+                    raise RequestError(
+                        "rid", r.given_rid, "a request with this rid is already in flight"
+                    )
+            for r in reqs:
+                self._inflight[r.rid] = r.given_rid
+                r.sink.on_final = functools.partial(self._release, r.rid)
+
+    def _release(self, rid: str) -> None:
+        with self._rids_lock:
+            self._inflight.pop(rid, None)
 
     @staticmethod
     def _raise_if_error(item: Any) -> dict:

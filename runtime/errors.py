@@ -12,6 +12,7 @@ class RequestError(ValueError):
     def __init__(self, field: str, value: Any, reason: str):
         self.field = field
         self.value = value
+        self.reason = reason
         shown = repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."

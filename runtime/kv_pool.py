@@ -25,7 +25,13 @@ class KVPoolFullError(RuntimeError):
 
 
 class SlotAllocator:
-    """Free list of KV slot indices 1..size (0 is the scratch slot)."""
+    """Free list of KV slot indices 1..size (0 is the scratch slot).
+
+    Last freed, first reused: the pool is allocated untouched (``torch.empty``), so
+    reusing the slots that were just freed keeps the set of touched pages (and the
+    process's resident memory) as small as the load needs. A first-in-first-out list
+    would walk through every slot of the pool and keep it all resident.
+    """
 
     def __init__(self, size: int, device: torch.device):
         self.size = size
@@ -47,7 +53,7 @@ class SlotAllocator:
 
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel():
-            self._free = torch.cat([self._free, slots.to(torch.int64)])
+            self._free = torch.cat([slots.to(torch.int64), self._free])
 
 
 class KVPool:

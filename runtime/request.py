@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from plait.runtime.constrained import CompiledResult, Matcher
+from plait.runtime.constrained import CompiledResult, GrammarSpec, Matcher
 from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.sampling_params import SamplingParams
 
@@ -59,6 +59,7 @@ class Req:
         # place in it. Jump-forward is off when logprobs are asked for (forced tokens
         # get none).
         self.grammar_future: Future[CompiledResult] | None = None
+        self.grammar_spec: GrammarSpec | None = None
         self.grammar: CompiledResult | None = None
         self.matcher: Matcher | None = None
         self.jump_forward = jump_forward and not return_logprob
@@ -80,6 +81,8 @@ class Req:
         self._sent_input_logprobs = 0
         self._sent_output_logprobs = 0
         self.created = time.perf_counter()
+        self.given_rid = rid  # the rid the caller gave (``x`` for the parts of an n=2 ``x``)
+        self.capped_max_new_tokens: int | None = None  # set when the context capped it
 
     def set_grammar(self, grammar: CompiledResult) -> None:
         self.grammar = grammar
@@ -100,6 +103,11 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def stream_due(self) -> bool:
+        """A streamed request sends a piece every ``stream_interval`` new tokens."""
+        return len(self.output_ids) - self._sent_ids >= self.params.stream_interval
 
     @property
     def kv_needed(self) -> int:
@@ -128,6 +136,8 @@ class Req:
             "finish_reason": self.finish_reason,
             "e2e_latency": time.perf_counter() - self.created,
         }
+        if self.capped_max_new_tokens is not None:
+            meta["capped_max_new_tokens"] = self.capped_max_new_tokens
         if self.grammar is not None:
             meta["grammar_backend"] = self.grammar.backend
             if self.grammar.fallback_reason:

@@ -1,16 +1,21 @@
 """Batched sampling with per-request parameters.
 
 Order for each row: logprobs of the raw logits (what ``return_logprob``
-reports) -> penalties -> token masks (min_new_tokens, grammar) -> greedy
-argmax, or temperature -> top-k -> top-p -> min-p -> a draw from the
+reports) -> penalties and logit bias -> token masks (min_new_tokens, grammar)
+-> greedy argmax, or temperature -> top-k -> top-p -> min-p -> a draw from the
 request's own generator (so a seeded request is reproducible whatever else
 shares its batch).
+
+A row that cannot be sampled (no token left after its masks, non-finite
+probabilities) is reported in ``SampleResult.errors`` with the reason; the
+other rows of the batch are sampled as usual.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +44,8 @@ class SampleResult:
     logprobs: torch.Tensor | None  # [N, V] log_softmax of the raw logits, when asked
     # Row i: (values, ids) of the top logprobs when top_logprobs_num > 0, else None.
     top: list[tuple[list[float], list[int]] | None]
+    # Rows that could not be sampled -> why (their next_ids entry is meaningless).
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 def apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
@@ -50,6 +57,10 @@ def apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
         out = torch.tensor(row.output_ids, device=device)
         counts = torch.bincount(out, minlength=logits.numel()).to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=device)
+        bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=device)
+        logits.index_add_(0, ids, bias)
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(
             [*row.input_ids, *row.output_ids], dtype=torch.long, device=device
@@ -102,8 +113,22 @@ class Sampler:
                 apply_bitmask(sub, torch.stack([rows[i].grammar_bits for i in constrained]))
                 logits.index_copy_(0, idx, sub)
         next_ids = logits.argmax(dim=-1).tolist()
+        errors: dict[int, str] = {}
+        best = logits.max(dim=-1).values
+        for i in torch.nonzero(~torch.isfinite(best) | torch.isnan(best)).flatten().tolist():
+            # +inf (a logit bias or penalty overflow) or NaN, or -inf: nothing is allowed.
+            errors[i] = (
+                "no token is allowed (every token is masked)"
+                if best[i] == float("-inf")
+                else f"the logits are not finite ({float(best[i])})"
+            )
         for i, row in enumerate(rows):
-            if not row.params.is_greedy:
-                probs = filter_logits(logits[i], row.params)
-                next_ids[i] = int(torch.multinomial(probs, 1, generator=row.generator))
-        return SampleResult(next_ids, logprobs, top)
+            if row.params.is_greedy or i in errors:
+                continue
+            probs = filter_logits(logits[i], row.params)
+            total = float(probs.sum())
+            if not math.isfinite(total) or total <= 0.0:
+                errors[i] = f"no probability mass left to sample from (sum {total})"
+                continue
+            next_ids[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+        return SampleResult(next_ids, logprobs, top, errors)

@@ -47,6 +47,10 @@ from plait.runtime.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
 
+# Jump-forward tokenizes at most this many characters of forced text per token of
+# budget left (a grammar may force megabytes; no token is longer than this).
+MAX_CHARS_PER_TOKEN = 32
+
 
 @dataclass
 class _Planned:
@@ -95,19 +99,25 @@ class Scheduler:
         """Queue a request. Text its grammar forces before any sampling is appended
         at once, so the prompt's prefill computes it too."""
         if req.matcher is not None and req.params.max_new_tokens > 0:
-            if req.jump_forward:
-                forced = self._forced_tokens(req, None)
-                req.forced_tokens += len(forced)
-                for t in forced:
-                    self._append_token(req, t, None)
-                    if req.finished:
-                        break
-            if not req.finished and req.matcher.is_finished():
-                self._finish_grammar(req)
+            try:
+                self._start_constrained(req)
+            except Exception as e:  # this request's grammar failed; nobody else is hurt
+                self._fail(req, "grammar", e)
             if req.finished:
                 req.sink(req.make_output())
                 return
         self.waiting.append(req)
+
+    def _start_constrained(self, req: Req) -> None:
+        if req.jump_forward:
+            forced = self._forced_tokens(req, None)
+            req.forced_tokens += len(forced)
+            for t in forced:
+                self._append_token(req, t, None)
+                if req.finished:
+                    return
+        if req.matcher.is_finished():
+            self._finish_grammar(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -225,7 +235,9 @@ class Scheduler:
     def _admit(self, req: Req) -> bool:
         """Match the prompt in the cache, lock the match, reserve KV (evicting cache
         leaves if needed) and take a request row. False if the KV does not fit yet."""
-        match = self.cache.match_prefix(req.input_ids[: self._prefix_cap(req)])
+        # Counted in the hit rate only once admitted: a request that waits for KV is
+        # matched again next step and must not count twice.
+        match = self.cache.match_prefix(req.input_ids[: self._prefix_cap(req)], record=False)
         self.cache.lock(match.node)
         req.cached_tokens = req.tree_len = req.num_computed = match.length
         short = req.kv_needed - self.available_slots
@@ -233,6 +245,7 @@ class Scheduler:
             self.cache.unlock(match.node)
             req.cached_tokens = req.tree_len = req.num_computed = 0
             return False
+        self.cache.record_query(match.node, self._prefix_cap(req), match.length)
         req.last_node = match.node
         req.row = self.req_to_token.alloc()
         self.req_to_token.table[req.row, : match.length] = match.slots
@@ -300,23 +313,71 @@ class Scheduler:
                 self._finish(req, {"type": "length", "length": 0})
                 prefilled_only.append(req)
         if sampled:
-            rows = torch.tensor(sample_rows, device=logits.device)
-            sampling_rows = [self._sampling_row(r) for r in sampled]
-            if masks is not None:  # one bitmask row per constrained request, in order
-                bits = iter(masks.result())
-                for req, row in zip(sampled, sampling_rows):
-                    if req.matcher is not None:
-                        row.grammar_bits = next(bits)
-            result = self.sampler(logits.index_select(0, rows), sampling_rows, False)
-            for i, req in enumerate(sampled):
-                lp_row = logprobs[sample_rows[i]] if logprobs is not None else None
-                self._accept_sampled(req, result.next_ids[i], lp_row)
+            self._sample(sampled, sample_rows, logits, logprobs, masks)
         for req in sampled + prefilled_only:
-            if req.stream or req.finished:
+            if req.finished or (req.stream and req.stream_due):
                 req.sink(req.make_output())
         done = [r for r in self.running if r.finished]
         if done:
             self.running = [r for r in self.running if not r.finished]
+
+    def _sample(
+        self,
+        sampled: list[Req],
+        sample_rows: list[int],
+        logits: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        masks: Future | None,
+    ) -> None:
+        """Sample the next token of each request in ``sampled`` and append it. A request
+        whose grammar, parameters or logits make this fail finishes with an error; the
+        others go on."""
+        sampling_rows = [self._sampling_row(r) for r in sampled]
+        failed: dict[int, tuple[str, Exception | str]] = {}
+        if masks is not None:  # one bitmask row per constrained request, in order
+            bitmask, mask_errors = masks.result()
+            k = 0
+            for i, (req, row) in enumerate(zip(sampled, sampling_rows)):
+                if req.matcher is not None:
+                    row.grammar_bits = bitmask[k]
+                    if k in mask_errors:
+                        failed[i] = ("grammar", mask_errors[k])
+                    k += 1
+        rows = logits.index_select(0, torch.tensor(sample_rows, device=logits.device))
+        try:
+            result = self.sampler(rows, sampling_rows, False)
+            next_ids, errors = result.next_ids, result.errors
+        except Exception:  # find the rows at fault: sample them one by one
+            next_ids, errors = [0] * len(sampled), {}
+            for i, row in enumerate(sampling_rows):
+                try:
+                    one = self.sampler(rows[i : i + 1], [row], False)
+                    next_ids[i] = one.next_ids[0]
+                    if one.errors:
+                        errors[i] = one.errors[0]
+                except Exception as e:
+                    errors[i] = repr(e)
+        for i, why in errors.items():
+            failed.setdefault(i, ("sampling", why))
+        for i, req in enumerate(sampled):
+            if i in failed:
+                self._fail(req, *failed[i])
+                continue
+            lp_row = logprobs[sample_rows[i]] if logprobs is not None else None
+            try:
+                self._accept_sampled(req, next_ids[i], lp_row)
+            except Exception as e:
+                self._fail(req, "grammar" if req.matcher is not None else "output", e)
+
+    def _fail(self, req: Req, stage: str, error: Exception | str) -> None:
+        """Finish one request with an error (``finish_reason`` type ``abort``); the
+        batch it was in goes on."""
+        if req.finished:
+            return
+        if isinstance(error, Exception):
+            logger.warning("request %s failed in %s: %r", req.rid, stage, error)
+            error = f"{type(error).__name__}: {error}"
+        self._finish(req, {"type": "abort", "message": f"{stage} failed: {error}"})
 
     def _cache_computed(self, req: Req) -> None:
         """Insert what the request has computed so far and move its lock to the new
@@ -377,11 +438,18 @@ class Scheduler:
         if not matchers:
             return None
 
-        def fill() -> torch.Tensor:
+        def fill() -> tuple[torch.Tensor, dict[int, Exception]]:
             bitmask = allocate_bitmask(len(matchers), self.vocab_size)
+            errors: dict[int, Exception] = {}
             for i, m in enumerate(matchers):
-                m.fill_mask(bitmask, i)
-            return bitmask
+                try:
+                    m.fill_mask(bitmask, i)
+                    error = m.error()
+                    if error:
+                        raise RuntimeError(error)
+                except Exception as e:  # only this request fails
+                    errors[i] = e
+            return bitmask, errors
 
         return self._grammar_thread.submit(fill)
 
@@ -421,21 +489,39 @@ class Scheduler:
         then the replacement tokens (``last`` is rolled back in the matcher).
         """
         m = req.matcher
+        # Never more than the request may still emit: a grammar can force far more.
+        limit = min(
+            req.params.max_new_tokens - len(req.output_ids),
+            self.req_to_token.context_len - req.fill_len,
+        )
+        if last is not None:
+            limit -= 1  # ``last`` is appended first
+        if limit <= 0:
+            return []
         if m.computes_forced_tokens:
-            return self._accept_run(m, m.forced_tokens())
+            return self._accept_run(m, m.forced_tokens(limit))
         text = m.forced_text()
         if not text:
             return []
         prev = "" if last is None else self.tokenizer.decode([last])
-        ids = self._encode(prev + text)
+        if len(text) > MAX_CHARS_PER_TOKEN * (limit + 1):
+            # Tokenize only what the budget can take; the cut may split a token, so
+            # its last one is dropped.
+            text = text[: MAX_CHARS_PER_TOKEN * (limit + 1)]
+            ids = self._encode(prev + text)[:-1]
+            text = self.tokenizer.decode(ids)[len(prev) :]
+            if not ids or not text:
+                return []
+        else:
+            ids = self._encode(prev + text)
         # Jump only where the tokenizer round-trips the text (a partial character or
         # a SentencePiece prefix space would change it).
         if "\ufffd" in prev or self.tokenizer.decode(ids) != prev + text:
             return []
         if last is None or ids[0] == last:
-            return self._accept_run(m, ids if last is None else ids[1:])
+            return self._accept_run(m, ids[:limit] if last is None else ids[1 : limit + 1])
         m.rollback(1)
-        new = self._accept_run(m, ids)
+        new = self._accept_run(m, ids[: limit + 1])
         if not new:  # keep the sampled token after all
             m.accept(last)
             return []

@@ -581,17 +581,80 @@ def test_lenient_llguidance_is_the_last_resort(info):
         GrammarCompiler(info, fallback=False).compile(spec)
 
 
-def test_slow_compile_falls_back_then_is_picked_up(info):
+def _compile_workers_alive() -> int:
+    """Live compile worker processes of this process."""
+    import psutil
+
+    return sum(
+        1
+        for c in psutil.Process().children()
+        if c.is_running() and "compile_worker" in " ".join(c.cmdline())
+    )
+
+
+def test_slow_compile_is_stopped_at_its_deadline_and_falls_back(info):
+    before = _compile_workers_alive()
     compiler = GrammarCompiler(info, primary="outlines", compile_timeout_s=1e-4)
     spec = GrammarSpec.of("json_schema", NESTED)
-    first = compiler.compile(spec)
-    assert first.backend == "llguidance" and "exceeded" in first.fallback_reason
-    deadline = time.monotonic() + 20
-    while (result := compiler.compile(spec)).backend != "outlines":
-        assert time.monotonic() < deadline, "the background compile never landed"
-        time.sleep(0.05)
-    assert result.fallback_reason is None
-    assert compiler.compile(spec) is result  # now cached
+    result = compiler.compile(spec)
+    assert result.backend == "llguidance"
+    assert "exceeded the deadline" in result.fallback_reason
+    assert "stopped" in result.fallback_reason
+    assert _compile_workers_alive() == before  # killed, not left running
+    compiler.close()
+
+
+def test_compile_past_its_deadline_with_nothing_to_fall_back_on_is_refused(info):
+    compiler = GrammarCompiler(info, primary="outlines", compile_timeout_s=1e-4, fallback=False)
+    with pytest.raises(GrammarError, match="deadline") as err:
+        compiler.compile(GrammarSpec.of("json_schema", NESTED))
+    assert err.value.field == "json_schema"
+    compiler.close()
+
+
+def test_cancel_stops_a_compile_nobody_waits_for(info):
+    before = _compile_workers_alive()
+    compiler = GrammarCompiler(info, primary="outlines", compile_timeout_s=60, fallback=False)
+    # 100k enum values: minutes of outlines work.
+    spec = GrammarSpec.of("json_schema", {"enum": [f"value{i}" for i in range(100_000)]})
+    first, second = compiler.submit(spec), compiler.submit(spec)
+    assert first is second
+    compiler.cancel(spec)
+    time.sleep(0.3)
+    assert not first.done()  # one request still waits
+    start = time.monotonic()
+    compiler.cancel(spec)
+    with pytest.raises(GrammarError, match="cancelled"):
+        first.result(timeout=30)
+    assert time.monotonic() - start < 5
+    assert _compile_workers_alive() == before
+    compiler.close()
+
+
+def test_a_compile_worker_is_reused(info):
+    before = _compile_workers_alive()
+    compiler = GrammarCompiler(info, primary="outlines", fallback=False)
+    a = compiler.compile(GrammarSpec.of("json_schema", PERSON))
+    b = compiler.compile(GrammarSpec("regex", EMAIL))
+    assert a.backend == b.backend == "outlines"
+    assert _compile_workers_alive() == before + 1
+    compiler.close()
+    assert _compile_workers_alive() == before
+
+
+@pytest.mark.parametrize(
+    "kind,source,words",
+    [
+        ("regex", "a{300000}", "too many expressions"),  # compiles, but cannot run
+        ("json_schema", json.dumps({"$ref": "#"}), "no backend compiles it"),  # only itself
+    ],
+)
+def test_grammar_that_cannot_run_is_refused_at_compile_time(info, kind, source, words):
+    compiler = GrammarCompiler(info, compile_timeout_s=2)
+    with pytest.raises(GrammarError, match=words) as err:
+        compiler.compile(GrammarSpec(kind, source))
+    assert err.value.field == kind
+    compiler.close()
 
 
 def test_memory_cache_hit(info):

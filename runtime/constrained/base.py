@@ -55,9 +55,14 @@ class Matcher(abc.ABC):
     def forced_text(self) -> str:
         """The text every continuation starts with ("" if none), for jump-forward."""
 
-    def forced_tokens(self) -> list[int]:
-        """Token ids every continuation starts with, where the backend knows them."""
+    def forced_tokens(self, limit: int | None = None) -> list[int]:
+        """Token ids every continuation starts with (at most ``limit``), where the
+        backend knows them."""
         return []
+
+    def error(self) -> str | None:
+        """Why the matcher can go no further (a grammar too large to run, say), or None."""
+        return None
 
 
 class CompiledGrammar(abc.ABC):

@@ -14,11 +14,14 @@ Invalid input (bad regex syntax, malformed JSON, an unsatisfiable schema, a
 Lark/GBNF syntax error) raises :class:`GrammarError` at once, without fallback.
 When no backend compiles a valid spec, GrammarError lists each one's reason.
 
-A compile past its deadline cannot be stopped (a thread cannot be killed): it
-finishes in the background and its grammar goes to the disk cache, and the
-request falls back meanwhile. While such a straggler runs, other slow compiles
-are skipped (fall back at once) so the cores stay with decoding; a later
-request for the same spec picks the straggler's grammar up once it is done.
+A backend that does not bound its own work (outlines) compiles in a worker
+process (compile_worker.py, started on first need and reused) under ``compile_timeout_s``: past the deadline, or once every request
+waiting for it has ended (``cancel``), the worker is killed and the chain moves
+on; a request whose chain yields nothing gets a GrammarError (a 400 over HTTP)
+saying so. Every grammar is probed before use (a fresh matcher must allow a
+first token or accept the empty text), so a grammar that compiles but can never
+run (a schema that only refers to itself, a regex too large to lex) is refused
+at compile time, not in the middle of decoding.
 
 Caches: an in-memory LRU of results keyed by (backend chain, tokenizer
 fingerprint, kind, source), and, given ``cache_dir``, pickled grammars of
@@ -28,19 +31,27 @@ source). Only fallbacks not caused by a deadline are cached in memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from plait.runtime.constrained.base import CompiledGrammar, GrammarBackend
+from plait.runtime.constrained.bitmask import allocate_bitmask
 from plait.runtime.constrained.llguidance_backend import LlguidanceBackend
 from plait.runtime.constrained.outlines_backend import OutlinesBackend
 from plait.runtime.constrained.spec import GrammarError, GrammarSpec, UnsupportedGrammar
@@ -70,6 +81,22 @@ class CacheStats:
     disk_writes: int = 0
 
 
+def _probe(backend: str, grammar: CompiledGrammar, vocab_size: int) -> None:
+    """Refuse a grammar that can never produce output: fresh matchers must be free of
+    errors and allow a first token (or accept the empty text). Two of them, since a
+    lexer built lazily and shared by all matchers (llguidance) may only hit its size
+    limit on the second."""
+    bitmask = allocate_bitmask(1, vocab_size)
+    for _ in range(2):
+        matcher = grammar.matcher()
+        matcher.fill_mask(bitmask, 0)
+        error = matcher.error()
+        if error:
+            raise UnsupportedGrammar(f"{backend}: {error}")
+        if not matcher.can_stop() and not bool(bitmask.any()):
+            raise UnsupportedGrammar(f"{backend}: the grammar admits no output")
+
+
 def make_backend(name: str, tokenizer_info: TokenizerInfo) -> GrammarBackend:
     if name == "llguidance":
         return LlguidanceBackend(tokenizer_info)
@@ -81,7 +108,58 @@ def make_backend(name: str, tokenizer_info: TokenizerInfo) -> GrammarBackend:
 
 
 class _DeadlinePassed(UnsupportedGrammar):
-    """A slow backend did not finish in time (or was skipped for a straggler)."""
+    """A slow backend did not finish in time; its child process was killed."""
+
+
+class _Cancelled(Exception):
+    """Every request waiting for a compile has ended."""
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def write_frame(stream: BinaryIO, obj: Any) -> None:
+    """One message to a compile worker (or back): a 4-byte length, then a pickle."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LENGTH.pack(len(data)) + data)
+    stream.flush()
+
+
+def read_frame(stream: BinaryIO) -> Any:
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        raise EOFError("the other side closed the pipe")
+    (n,) = _LENGTH.unpack(header)
+    data = stream.read(n)
+    if len(data) < n:
+        raise EOFError("the other side closed the pipe")
+    return pickle.loads(data)
+
+
+class _Worker:
+    """One compile worker process (compile_worker.py); killed to stop a compile."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "plait.runtime.constrained.compile_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        self.fingerprints: set[str] = set()  # tokenizers the worker already holds
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait(5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 class GrammarCompiler:
@@ -110,7 +188,11 @@ class GrammarCompiler:
         self._lock = threading.RLock()  # a done future runs its callback at once, locked
         self._results: OrderedDict[tuple, CompiledResult] = OrderedDict()
         self._inflight: dict[tuple, Future] = {}
-        self._stragglers: dict[tuple, Future] = {}  # slow compiles past their deadline
+        # Per in-flight compile: how many requests wait for it, and its cancel switch.
+        self._waiters: dict[tuple, int] = {}
+        self._cancel: dict[tuple, threading.Event] = {}
+        self._idle_workers: list[_Worker] = []  # compile worker processes, reused
+        self._closed = False
         self._stats = CacheStats()
 
     @property
@@ -133,29 +215,55 @@ class GrammarCompiler:
                 return done
             future = self._inflight.get(key)
             if future is None:
-                future = self._pool.submit(self._build, spec, key)
+                self._cancel[key] = cancel = threading.Event()
+                self._waiters[key] = 0
+                future = self._pool.submit(self._build, spec, key, cancel)
                 self._inflight[key] = future
                 future.add_done_callback(lambda _: self._forget_inflight(key))
+            self._waiters[key] += 1
             return future
+
+    def cancel(self, spec: GrammarSpec) -> None:
+        """A request waiting for ``spec`` has ended. When no other request waits for
+        the compile, it is stopped (its child process killed, or it never starts)."""
+        key = self._key(spec)
+        with self._lock:
+            if key not in self._waiters:
+                return
+            self._waiters[key] -= 1
+            if self._waiters[key] <= 0:
+                self._cancel[key].set()
 
     def compile(self, spec: GrammarSpec) -> CompiledResult:
         """Compile on the caller's thread (cache first)."""
         key = self._key(spec)
         with self._lock:
             cached = self._lookup(key)
-        return cached if cached is not None else self._build(spec, key)
+        return cached if cached is not None else self._build(spec, key, threading.Event())
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            workers, self._idle_workers = self._idle_workers, []
+        for worker in workers:
+            worker.kill()
 
     # -- the fallback chain -------------------------------------------------------
 
-    def _build(self, spec: GrammarSpec, key: tuple) -> CompiledResult:
+    def _build(self, spec: GrammarSpec, key: tuple, cancel: threading.Event) -> CompiledResult:
         reasons: list[str] = []
         deadline_passed = False
         for backend in self._backends:
+            if cancel.is_set():
+                raise GrammarError(spec.kind, spec.source, "compile cancelled: the request ended")
             try:
-                grammar = self._attempt(backend, spec)
+                grammar = self._attempt(backend, spec, cancel)
+                _probe(backend.name, grammar, self.tokenizer_info.vocab_size)
+            except _Cancelled:
+                raise GrammarError(
+                    spec.kind, spec.source, "compile cancelled: the request ended"
+                ) from None
             except _DeadlinePassed as e:
                 reasons.append(e.reason)
                 deadline_passed = True
@@ -174,7 +282,9 @@ class GrammarCompiler:
             return result
         raise GrammarError(spec.kind, spec.source, "no backend compiles it: " + "; ".join(reasons))
 
-    def _attempt(self, backend: GrammarBackend, spec: GrammarSpec) -> CompiledGrammar:
+    def _attempt(
+        self, backend: GrammarBackend, spec: GrammarSpec, cancel: threading.Event
+    ) -> CompiledGrammar:
         path = self._disk_path(backend, spec)
         loaded = self._load(backend, path)
         if loaded is not None:
@@ -183,44 +293,67 @@ class GrammarCompiler:
             grammar = backend.compile(spec)
             self._store(backend, grammar, path)
             return grammar
-        return self._compile_with_deadline(backend, spec, path)
+        grammar = self._compile_in_child(backend, spec, cancel)
+        self._store(backend, grammar, path)
+        return grammar
 
-    def _compile_with_deadline(
-        self, backend: GrammarBackend, spec: GrammarSpec, path: Path | None
+    def _compile_in_child(
+        self, backend: GrammarBackend, spec: GrammarSpec, cancel: threading.Event
     ) -> CompiledGrammar:
-        akey = (backend.name, spec.kind, spec.source)
-        with self._lock:
-            straggler = self._stragglers.get(akey)
-            if straggler is not None and straggler.done():
-                del self._stragglers[akey]
-            busy = any(not f.done() for f in self._stragglers.values())
-        if straggler is not None and straggler.done():
-            return straggler.result()  # raises what the compile raised
-        if straggler is not None:
-            raise _DeadlinePassed(f"{backend.name}: still compiling (past its deadline)")
-        if busy:
-            raise _DeadlinePassed(f"{backend.name}: skipped while a compile past its deadline runs")
-
-        future: Future[CompiledGrammar] = Future()
-
-        def run() -> None:
-            try:
-                grammar = backend.compile(spec)
-                self._store(backend, grammar, path)
-                future.set_result(grammar)
-            except BaseException as e:  # handed to whoever waits on the future
-                future.set_exception(e)
-
-        threading.Thread(target=run, name=f"plait-{backend.name}", daemon=True).start()
+        """Compile in a worker process; kill it past the deadline or on cancel."""
+        deadline = time.monotonic() + self.compile_timeout_s
+        worker = self._take_worker()
+        info = self.tokenizer_info
+        state = None
+        if info.fingerprint not in worker.fingerprints:
+            state = (info.token_bytes, info.eos_token_ids, info.special_tokens)
+        done = False
         try:
-            return future.result(timeout=self.compile_timeout_s)
-        except FutureTimeout:
-            with self._lock:
-                self._stragglers[akey] = future
-            raise _DeadlinePassed(
-                f"{backend.name}: compile exceeded {self.compile_timeout_s:g} s "
-                "(it finishes in the background and is cached)"
+            write_frame(
+                worker.proc.stdin,
+                (backend.name, info.fingerprint, state, spec.kind, spec.source),
+            )
+            worker.fingerprints.add(info.fingerprint)
+            fd = worker.proc.stdout.fileno()
+            while not select.select([fd], [], [], 0.02)[0]:
+                if cancel.is_set():
+                    raise _Cancelled()
+                if time.monotonic() > deadline:
+                    raise _DeadlinePassed(
+                        f"{backend.name}: compile exceeded the deadline of "
+                        f"{self.compile_timeout_s:g} s (grammar_compile_timeout_s) and was stopped"
+                    )
+            status, payload = read_frame(worker.proc.stdout)
+            done = True
+        except (OSError, EOFError) as e:
+            raise UnsupportedGrammar(
+                f"{backend.name}: the compile process failed ({e}; exit code {worker.proc.poll()})"
             ) from None
+        finally:
+            if done:
+                self._return_worker(worker)
+            else:
+                worker.kill()
+        if status == "invalid":
+            raise GrammarError(spec.kind, spec.source, payload)
+        if status == "unsupported":
+            raise UnsupportedGrammar(payload)
+        return backend.load(payload)
+
+    def _take_worker(self) -> _Worker:
+        with self._lock:
+            while self._idle_workers:
+                worker = self._idle_workers.pop()
+                if worker.alive():
+                    return worker
+        return _Worker()
+
+    def _return_worker(self, worker: _Worker) -> None:
+        with self._lock:
+            if self._closed:
+                worker.kill()
+            else:
+                self._idle_workers.append(worker)
 
     # -- caches -------------------------------------------------------------------
 
@@ -246,6 +379,8 @@ class GrammarCompiler:
     def _forget_inflight(self, key: tuple) -> None:
         with self._lock:
             self._inflight.pop(key, None)
+            self._waiters.pop(key, None)
+            self._cancel.pop(key, None)
 
     def _disk_path(self, backend: GrammarBackend, spec: GrammarSpec) -> Path | None:
         if self._cache_dir is None or not backend.persistent:

@@ -37,6 +37,8 @@ from plait.runtime.constrained.spec import (
 from plait.runtime.constrained.vocab import TokenizerInfo
 
 JSON_DEFAULTS = {"whitespace_flexible": False}
+# Forced text longer than this many bytes per token of budget is cut before tokenizing.
+MAX_FORCED_BYTES_PER_TOKEN = 32
 LENIENT_OVERRIDES = {"lenient": True, "coerce_one_of": True}
 
 _tokenizers: dict[str, LLTokenizer] = {}
@@ -141,6 +143,7 @@ class LlguidanceMatcher(Matcher):
 
     def __init__(self, matcher: LLMatcher, info: TokenizerInfo):
         self._m = matcher
+        self._encode = info.encode
         self._eos = frozenset(info.eos_token_ids)
         self._n_words = info.n_words
         self._n_tokens = 0  # accepted, EOS excluded
@@ -195,8 +198,21 @@ class LlguidanceMatcher(Matcher):
         whole, _ = split_utf8(self._m.compute_ff_bytes())
         return whole.decode("utf-8", errors="replace")
 
-    def forced_tokens(self) -> list[int]:
-        return [] if self._eos_accepted else self._m.compute_ff_tokens()
+    def forced_tokens(self, limit: int | None = None) -> list[int]:
+        if self._eos_accepted or (limit is not None and limit <= 0):
+            return []
+        if limit is None:
+            return self._m.compute_ff_tokens()
+        forced = self._m.compute_ff_bytes()
+        if len(forced) <= MAX_FORCED_BYTES_PER_TOKEN * limit:
+            return self._m.compute_ff_tokens()[:limit]
+        # Far more is forced than the budget takes: tokenize just a prefix of it (the
+        # cut may split a token, so its last token is dropped).
+        whole, _ = split_utf8(forced[: MAX_FORCED_BYTES_PER_TOKEN * (limit + 1)])
+        return self._encode(whole.decode("utf-8", errors="replace"))[:-1][:limit]
+
+    def error(self) -> str | None:
+        return _short(self._m.get_error()) if self._m.is_error() else None
 
 
 def _short(message: str) -> str:
