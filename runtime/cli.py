@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pathlib
 import sys
 
 
@@ -64,13 +65,21 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_name(model: str) -> str:
+    """The name a server shows for ``--model``: an alias as it is, a directory or file by
+    its last component (never its path)."""
+    name = pathlib.Path(model.rstrip("/\\")).name or model
+    return name.removesuffix(".gguf")
+
+
 def _serve(a: argparse.Namespace) -> int:
     from plait.runtime.server import ServerConfig, serve
 
     config = ServerConfig(
-        served_model_name=a.served_model_name or a.model,
+        served_model_name=a.served_model_name or _model_name(a.model),
         api_key=a.api_key,
         max_request_bytes=a.max_request_bytes,
+        allow_origins=tuple(a.allow_origins or ()),
     )
     serve(
         host=a.host,
@@ -86,6 +95,8 @@ def _serve(a: argparse.Namespace) -> int:
         grammar_backend=a.grammar_backend,
         disable_radix_cache=a.disable_radix_cache,
         disable_jump_forward=a.disable_jump_forward,
+        max_top_logprobs_num=a.max_top_logprobs_num,
+        grammar_compile_timeout_s=a.grammar_compile_timeout,
     )
     return 0
 
@@ -103,6 +114,10 @@ def _bench(a: argparse.Namespace) -> int:
         from plait.runtime.server import bench as bench_server
 
         return bench_server.main(a)
+    if a.workload == "memory":
+        from plait.runtime import bench_memory
+
+        return bench_memory.main(a)
     if a.workload == "kernels":
         from plait.runtime import bench_kernels
 
@@ -141,7 +156,30 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=30000)
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     v.add_argument("--served-model-name", default=None, help="the model name clients send")
-    v.add_argument("--max-request-bytes", type=int, default=8 * 2**20)
+    v.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=4 * 2**20,
+        help="request bodies past this get 413, before any tokenizing (default 4 MiB)",
+    )
+    v.add_argument(
+        "--allow-origins",
+        nargs="+",
+        default=None,
+        help="origins browsers may call from (CORS); none by default",
+    )
+    v.add_argument(
+        "--max-top-logprobs-num",
+        type=int,
+        default=20,
+        help="the most top logprobs a request may ask for per token",
+    )
+    v.add_argument(
+        "--grammar-compile-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a grammar may take to compile before the request gets a 400",
+    )
     v.add_argument("--schedule-policy", choices=["lpm", "fcfs"], default="lpm")
     v.add_argument("--chunked-prefill-size", type=int, default=2048)
     v.add_argument("--max-running-requests", type=int, default=64)
@@ -165,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
             "programs",
             "server",
             "kernels",
+            "memory",
         ],
         help="engine: raw speed; few-shot, multi-turn, fork: prefix reuse; prefix: all three; "
         "grammar: constrained decoding; programs: DSL programs; server: HTTP serving; "
-        "kernels: the fused CPU kernels against the torch ops they replace",
+        "kernels: the fused CPU kernels against the torch ops they replace; "
+        "memory: resident memory under a steady chat load",
     )
     _engine_args(b)
     b.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")

@@ -55,6 +55,20 @@ class EngineShutdownError(RuntimeError):
     pass
 
 
+def _check_unicode(name: str, text: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (JSON's "\\ud800") cannot be encoded,
+    tokenized or sent back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            name,
+            text[max(0, e.start - 10) : e.end + 10],
+            f"contains a lone surrogate {text[e.start]!a} at character {e.start}, "
+            "which is not valid Unicode",
+        ) from None
+
+
 class _Sink:
     """Delivers a request's results to its caller; ``on_final`` runs once the last
     one (a result with a finish reason) has been handed over."""
@@ -360,8 +374,10 @@ class Engine:
             single = isinstance(prompt, str)
             prompts = [prompt] if single else list(prompt)
             for i, p in enumerate(prompts):
+                name = "prompt" if single else f"prompt[{i}]"
                 if not isinstance(p, str):
-                    raise RequestError(f"prompt[{i}]", p, "must be a string")
+                    raise RequestError(name, p, "must be a string")
+                _check_unicode(name, p)
             id_lists = [self.tokenizer.encode(p) for p in prompts]
         else:
             single = not input_ids or isinstance(input_ids[0], int)

@@ -29,6 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -37,16 +38,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from plait.runtime.engine import Engine, EngineShutdownError
 from plait.runtime.errors import RequestError
 from plait.runtime.server.metrics import Metrics
-from plait.runtime.server.protocol import AbortRequest, GenerateRequest
+from plait.runtime.server.protocol import (
+    MEDIA_FIELDS,
+    UNSUPPORTED_FIELDS,
+    AbortRequest,
+    GenerateRequest,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    served_model_name: str = "smollm2"
+    served_model_name: str = "smollm2"  # the only model name shown and accepted; never a path
     api_key: str | None = None
-    max_request_bytes: int = 8 * 2**20  # request bodies past this get 413
+    max_request_bytes: int = 4 * 2**20  # request bodies past this get 413, before tokenizing
+    # Origins a browser may call from (CORS); none by default, so no web page can.
+    allow_origins: tuple[str, ...] = ()
     # max_tokens of a chat completion that gives none (OpenAI: "until the context ends").
     chat_default_max_tokens: int = 1024
 
@@ -127,14 +135,20 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/generate")
     @app.put("/generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
+        check_generate_fields(body, config.served_model_name)
         kwargs = _generate_kwargs(body)
         if body.stream:
             # Validated and submitted here, so bad input is still a plain 400.
             pieces = await engine.async_generate(**kwargs, stream=True)
             return StreamingResponse(
-                _native_stream(pieces, metrics), media_type="text/event-stream"
+                _native_stream(pieces, metrics, body.incremental_streaming_output),
+                media_type="text/event-stream",
             )
-        out = await until_disconnect(request, engine.async_generate(**kwargs))
+        try:
+            out = await until_disconnect(request, engine.async_generate(**kwargs))
+        except ClientDisconnected:
+            metrics.aborted(_num_outputs(body))
+            raise
         metrics.record(out)
         return JSONResponse(out)
 
@@ -142,9 +156,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/model_info")
     async def model_info() -> dict:
         mc = engine.model_config
-        return {
-            "model_path": str(engine.source.model_path),
-            "tokenizer_path": str(engine.source.model_path),
+        return {  # names only: a client never learns where the weights live
+            "model_path": config.served_model_name,
+            "tokenizer_path": config.served_model_name,
             "served_model_name": config.served_model_name,
             "is_generation": True,
             "is_multimodal": False,
@@ -152,16 +166,23 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             "architectures": [mc.architecture],
             "context_length": engine.context_len,
             "vocab_size": mc.vocab_size,
-            "chat_template": engine.chat_template.to_dict(),
+            "chat_template": {
+                **engine.chat_template.to_dict(),
+                "name": config.served_model_name,
+            },
         }
 
     @app.get("/get_server_info")
     @app.get("/server_info")
     async def server_info() -> dict:
         stats = await run_in_threadpool(engine.get_stats)
+        options = {k: v for k, v in asdict(engine.config).items() if k not in _PRIVATE_OPTIONS}
         return {
-            **asdict(engine.config),
+            **options,
+            "model": config.served_model_name,
             "served_model_name": config.served_model_name,
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
             "context_length": engine.context_len,
             "max_total_num_tokens": engine.max_total_tokens,
             "internal_states": [stats],
@@ -197,7 +218,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/abort_request")
     async def abort_request(body: AbortRequest) -> Response:
-        engine.abort(body.rid)
+        if not engine.abort(body.rid):
+            return error_response(
+                404, f"no request with rid {body.rid!r} is in flight", param="rid", code="not_found"
+            )
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -206,6 +230,43 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         return Response(data, media_type=content_type)
 
     return app
+
+
+# Engine options a client is not shown: where files live on the server.
+_PRIVATE_OPTIONS = frozenset({"model", "cache_dir"})
+
+
+def check_generate_fields(body: GenerateRequest, model_name: str) -> None:
+    """Refuse fields of SGLang's native API that cannot apply here (never ignore them
+    silently), and fields SGLang does not define."""
+    extra = sorted(body.model_extra or {})
+    if extra:
+        raise APIError(
+            400,
+            f"{extra[0]}: unknown field of /generate (SGLang's native API has no such field)",
+            param=extra[0],
+        )
+    for name in MEDIA_FIELDS:
+        if getattr(body, name) not in (None, [], ""):
+            raise APIError(
+                400,
+                f"{name}: model {model_name!r} is text-only and takes no {name.split('_')[0]} "
+                "input; serve a vision-language model for images",
+                param=name,
+                code="model_not_multimodal",
+            )
+    for name, why in UNSUPPORTED_FIELDS.items():
+        if getattr(body, name) not in (None, False, [], {}):
+            raise APIError(400, f"{name}: {why}", param=name, code="unsupported_field")
+
+
+def _num_outputs(body: GenerateRequest) -> int:
+    prompts = body.text if isinstance(body.text, list) else [None]
+    if body.input_ids and isinstance(body.input_ids[0], list):
+        prompts = body.input_ids
+    params = body.sampling_params if isinstance(body.sampling_params, dict) else {}
+    n = params.get("n", 1) if isinstance(params.get("n", 1), int) else 1
+    return len(prompts) * max(n, 1)
 
 
 def _generate_kwargs(body: GenerateRequest) -> dict[str, Any]:
@@ -221,33 +282,67 @@ def _generate_kwargs(body: GenerateRequest) -> dict[str, Any]:
         "prompt": body.text,
         "input_ids": body.input_ids,
         "sampling_params": body.sampling_params,
-        "return_logprob": body.return_logprob,
-        "logprob_start_len": body.logprob_start_len,
-        "top_logprobs_num": body.top_logprobs_num,
+        "return_logprob": _one_value(body, "return_logprob"),
+        "logprob_start_len": _one_value(body, "logprob_start_len"),
+        "top_logprobs_num": _one_value(body, "top_logprobs_num"),
         "return_text_in_logprobs": body.return_text_in_logprobs,
         "rid": body.rid,
     }
 
 
-async def _native_stream(pieces: AsyncIterator[dict], metrics: Metrics) -> AsyncIterator[str]:
-    """SSE events each carrying the whole result so far (cumulative text and ids),
-    then ``[DONE]``. A client that goes away closes ``pieces``: the request aborts."""
+def _one_value(body: GenerateRequest, name: str) -> Any:
+    """SGLang lets a batch give logprob options per prompt; plait takes one value for
+    the batch, so a list must hold one value (repeated)."""
+    value = getattr(body, name)
+    if not isinstance(value, list):
+        return value
+    if not value or any(v != value[0] for v in value):
+        raise APIError(400, f"{name}: per-prompt values must all be equal here", param=name)
+    return value[0]
+
+
+_LOGPROB_KEYS = (
+    "input_token_logprobs",
+    "output_token_logprobs",
+    "input_top_logprobs",
+    "output_top_logprobs",
+)
+
+
+async def _native_stream(
+    pieces: AsyncIterator[dict], metrics: Metrics, incremental: bool = False
+) -> AsyncIterator[str]:
+    """SSE events each carrying the whole result so far (cumulative text, ids and
+    logprobs), or with ``incremental`` only what is new since the last event; then
+    ``[DONE]``. ``meta_info.output_token_logprobs_length`` counts the output logprobs
+    so far. A client that goes away closes ``pieces``: the request aborts."""
     total: dict[str, Any] = {"text": "", "output_ids": [], "meta_info": {}}
-    logprob_keys = ("input_token_logprobs", "output_token_logprobs")
-    logprob_keys += ("input_top_logprobs", "output_top_logprobs")
-    first = True
-    async for piece in pieces:
-        if first:
-            metrics.first_token(piece)
-            first = False
-        total["text"] += piece["text"]
-        total["output_ids"] += piece["output_ids"]
-        meta = dict(piece["meta_info"])
-        for key in logprob_keys:
-            if key in meta:
-                meta[key] = total["meta_info"].get(key, []) + meta[key]
-        total["meta_info"] = meta
-        yield sse(total)
+    first, finished = True, False
+    try:
+        async for piece in pieces:
+            if first:
+                metrics.first_token(piece)
+                first = False
+            total["text"] += piece["text"]
+            total["output_ids"] += piece["output_ids"]
+            meta = dict(piece["meta_info"])
+            for key in _LOGPROB_KEYS:
+                if key in meta:
+                    meta[key] = total["meta_info"].get(key, []) + meta[key]
+            if "output_token_logprobs" in meta:
+                meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
+            total["meta_info"] = meta
+            finished = meta.get("finish_reason") is not None
+            if incremental:
+                piece_meta = dict(piece["meta_info"])
+                if "output_token_logprobs" in meta:
+                    piece_meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
+                yield sse({**piece, "meta_info": piece_meta})
+            else:
+                yield sse(total)
+    finally:
+        if not finished:  # the client went away (or the stream broke): count the abort
+            metrics.aborted(1)
     metrics.record(total)
     yield SSE_DONE
 
@@ -274,6 +369,13 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 def _install_middleware(app: FastAPI, config: ServerConfig, metrics: Metrics) -> None:
     app.add_middleware(_Gate, config=config, metrics=metrics)
+    if config.allow_origins:  # outermost, so preflight requests get their answer
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allow_origins),
+            allow_methods=["GET", "POST", "PUT", "OPTIONS"],
+            allow_headers=["authorization", "content-type"],
+        )
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -313,8 +415,6 @@ class _Gate:
         if refusal is not None:
             await refusal(scope, receive, send_counted)
             return
-        if scope["method"] in ("POST", "PUT"):
-            _assume_json(scope)
         limit, received = self.config.max_request_bytes, 0
 
         async def receive_limited() -> dict:
@@ -331,14 +431,27 @@ class _Gate:
     def _refusal(self, scope: dict) -> Response | None:
         config, headers = self.config, Headers(scope=scope)
         if config.api_key and scope["path"] not in self.open_paths:
-            given = headers.get("authorization", "").encode()
-            if not secrets.compare_digest(given, f"Bearer {config.api_key}".encode()):
+            # The scheme is case-insensitive (RFC 9110): "bearer KEY" is as good.
+            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(
+                given.strip().encode(), config.api_key.encode()
+            ):
                 return error_response(
                     401,
                     "missing or wrong API key (Authorization: Bearer ...)",
                     type="authentication_error",
                     code="invalid_api_key",
                 )
+        has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+        if has_body and not _is_json(headers.get("content-type", "")):
+            # A web page can POST text/plain or a form to localhost without a CORS check;
+            # requiring JSON keeps it from driving the server.
+            return error_response(
+                415,
+                "the request body must be JSON, sent with 'Content-Type: application/json' "
+                f"(got {headers.get('content-type') or 'none'!r})",
+                code="unsupported_media_type",
+            )
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
@@ -356,13 +469,11 @@ class _Gate:
 _TYPE_NAME = re.compile(r"^(str|int|float|bool|dict|list|none|[\w.]+\[.*\]|function-.*)$")
 
 
-def _assume_json(scope: dict) -> None:
-    """Read a body sent without a JSON content type (``curl -d '{...}'``) as JSON,
-    as SGLang's server does."""
-    kind = Headers(scope=scope).get("content-type", "")
-    if "json" not in kind:
-        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-        scope["headers"] = [*headers, (b"content-type", b"application/json")]
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -94,6 +94,11 @@ class Metrics:
             if "e2e_latency" in meta:
                 self.e2e.observe(meta["e2e_latency"])
 
+    def aborted(self, n: int) -> None:
+        """Account requests aborted before a result reached the server (their client
+        went away)."""
+        self.finished.labels("abort").inc(n)
+
     def first_token(self, piece: dict) -> None:
         latency = piece["meta_info"].get("e2e_latency")
         if latency is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from plait.runtime.errors import RequestError
 from plait.runtime.server.app import SSE_DONE, APIError, sse, until_disconnect
@@ -82,8 +83,8 @@ def _engine(request: Request) -> Any:
 
 
 def _check_model(request: Request, model: str) -> None:
-    engine, config = request.app.state.engine, request.app.state.config
-    if model not in (config.served_model_name, str(engine.source.model_path)):
+    config = request.app.state.config
+    if model != config.served_model_name:
         raise APIError(
             404,
             f"model {model!r} is not served here; this server serves {config.served_model_name!r}",
@@ -156,7 +157,7 @@ def _model_card(request: Request) -> dict[str, Any]:
         "object": "model",
         "created": int(app.state.started),
         "owned_by": "plait",
-        "root": str(app.state.engine.source.model_path),
+        "root": app.state.config.served_model_name,
         "max_model_len": app.state.engine.context_len,
     }
 
@@ -211,7 +212,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         {"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)}
         for i, m in enumerate(body.messages)
     ]
-    prompt = engine.apply_chat_template(messages)
+    # Rendering a long conversation takes a while: off the event loop.
+    prompt = await run_in_threadpool(engine.apply_chat_template, messages)
     max_tokens = (
         body.max_completion_tokens if body.max_completion_tokens is not None else (body.max_tokens)
     )
@@ -314,8 +316,12 @@ async def _chat_events(
             ]
         )
     finals: dict[int, dict] = {}
+    firsts: set[int] = set()
     async for i, piece in _merge(streams):
         meta = piece["meta_info"]
+        if i not in firsts:
+            firsts.add(i)
+            metrics.first_token(piece)
         choice: dict[str, Any] = {"index": i, "delta": {}, "logprobs": None, "finish_reason": None}
         if piece["text"]:
             choice["delta"] = {"content": piece["text"]}
@@ -536,8 +542,10 @@ async def _completion_events(
     async for i, piece in _merge(streams):
         meta = piece["meta_info"]
         text = piece["text"]
-        if echo and i not in started:
-            text = echo[i // n] + text
+        if i not in started:
+            metrics.first_token(piece)
+            if echo:
+                text = echo[i // n] + text
         started.add(i)
         choice = {
             "index": i,

@@ -16,18 +16,66 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class GenerateRequest(_Body):
-    """``POST /generate`` (SGLang's native API)."""
+# Fields of SGLang's native /generate that carry media: a 400 on a text-only model.
+MEDIA_FIELDS = ("image_data", "video_data", "audio_data", "input_embeds")
+# Fields SGLang defines that plait cannot honour: a 400 when set, never silence.
+UNSUPPORTED_FIELDS = {
+    "token_ids_logprob": "logprobs of chosen token ids are not supported; use top_logprobs_num",
+    "return_hidden_states": "hidden states are not returned by this server",
+    "session_params": "sessions are not supported; the radix cache reuses shared prefixes",
+    "lora_path": "LoRA adapters are not supported",
+    "lora_id": "LoRA adapters are not supported",
+    "custom_logit_processor": "custom logit processors are not accepted over HTTP",
+    "bootstrap_host": "disaggregated prefill is not supported",
+    "bootstrap_port": "disaggregated prefill is not supported",
+    "bootstrap_room": "disaggregated prefill is not supported",
+    "data_parallel_rank": "data parallelism is not supported",
+    "background": "background requests are not supported",
+    "return_entropy": "entropies are not returned",
+}
+
+
+class GenerateRequest(BaseModel):
+    """``POST /generate`` (SGLang's native API). Its fields are SGLang 0.5's; any other
+    top-level field is refused by name (see app.check_generate_fields)."""
+
+    model_config = ConfigDict(extra="allow")
 
     text: str | list[str] | None = None
     input_ids: list[StrictInt] | list[list[StrictInt]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
-    return_logprob: bool = False
-    logprob_start_len: int | None = None
-    top_logprobs_num: int | None = Field(default=None, ge=0)
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
     stream: bool = False
+    incremental_streaming_output: bool = False  # each event carries only what is new
+    # Accepted and harmless here.
+    log_metrics: bool = True
+    modalities: list[str] | None = None
+    no_logs: bool = False
+    custom_labels: dict[str, Any] | None = None
+    priority: int | None = None
+    extra_key: str | None = None
+    conversation_id: str | None = None
+    # Media and features that cannot apply: refused when set.
+    image_data: Any = None
+    video_data: Any = None
+    audio_data: Any = None
+    input_embeds: Any = None
+    token_ids_logprob: Any = None
+    return_hidden_states: Any = None
+    session_params: Any = None
+    lora_path: Any = None
+    lora_id: Any = None
+    custom_logit_processor: Any = None
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    data_parallel_rank: Any = None
+    background: Any = None
+    return_entropy: Any = None
 
 
 class AbortRequest(_Body):

@@ -218,15 +218,23 @@ def test_generate_stream_with_a_constraint_ends_in_a_match(client):
     assert re.fullmatch(PHONE, events[-2]["text"])
 
 
-def test_generate_put_and_a_body_without_json_content_type(client):
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+def test_a_body_that_is_not_declared_json_is_415(client, content_type):
+    """A web page can send these cross-origin without a CORS preflight: refusing them
+    keeps any page the user visits from driving a local server."""
     body = json.dumps({"text": "a", "sampling_params": {"max_new_tokens": 2}})
+    r = client.post("/generate", content=body, headers={"content-type": content_type})
+    error = assert_error(r, 415, None)
+    assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
     r = client.put("/generate", content=body, headers={"content-type": "application/json"})
-    assert r.status_code == 200
-    # curl -d sends application/x-www-form-urlencoded; the body is read as JSON anyway
-    r = client.post(
-        "/generate", content=body, headers={"content-type": "application/x-www-form-urlencoded"}
-    )
     assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 2
+    # A charset parameter is fine.
+    r = client.post(
+        "/generate", content=body, headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert r.status_code == 200
 
 
 # ---- info, health, cache, abort -----------------------------------------------------------
@@ -235,12 +243,14 @@ def test_generate_put_and_a_body_without_json_content_type(client):
 def test_model_info_on_both_paths(client, engine, model_dir):
     info = client.get("/get_model_info").json()
     assert client.get("/model_info").json() == info
-    assert info["model_path"] == model_dir and info["tokenizer_path"] == model_dir
+    # The served name, never the path of the weights on the server.
+    assert info["model_path"] == "tiny" and info["tokenizer_path"] == "tiny"
+    assert model_dir not in json.dumps(info)
     assert info["served_model_name"] == "tiny"
     assert info["architectures"] == ["LlamaForCausalLM"]
     assert info["context_length"] == 512 and info["vocab_size"] == 512
     assert info["is_generation"] is True and info["is_multimodal"] is False
-    assert info["chat_template"] == engine.chat_template.to_dict()
+    assert info["chat_template"] == {**engine.chat_template.to_dict(), "name": "tiny"}
 
 
 def test_server_info_reports_live_stats(client, engine):
@@ -302,8 +312,9 @@ def test_flush_cache_while_busy_is_400_and_abort_request_ends_the_request(client
     assert_kv_all_free(engine)
 
 
-def test_abort_of_an_unknown_rid_is_harmless(client):
-    assert client.post("/abort_request", json={"rid": "no-such-request"}).status_code == 200
+def test_abort_of_an_unknown_rid_is_404(client):
+    error = assert_error(client.post("/abort_request", json={"rid": "no-such-request"}), 404, "rid")
+    assert error["code"] == "not_found" and "no-such-request" in error["message"]
     assert_still_serves(client)
 
 
@@ -496,6 +507,7 @@ def guarded(engine) -> TestClient:
 
 
 KEY = {"authorization": "Bearer sesame"}
+JSON = {"content-type": "application/json"}
 
 
 def test_body_over_the_size_limit_is_413(guarded):
@@ -514,11 +526,11 @@ def test_chunked_body_over_the_size_limit_is_413(guarded):
         for i in range(0, len(data), 500):
             yield data[i : i + 500]
 
-    r = guarded.post("/generate", content=chunks(3000), headers=KEY)
+    r = guarded.post("/generate", content=chunks(3000), headers={**KEY, **JSON})
     assert "content-length" not in r.request.headers
     error = assert_error(r, 413, None)
     assert error["code"] == "request_too_large"
-    r = guarded.post("/generate", content=chunks(100), headers=KEY)
+    r = guarded.post("/generate", content=chunks(100), headers={**KEY, **JSON})
     assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 1
 
 

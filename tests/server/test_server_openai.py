@@ -66,12 +66,14 @@ def test_models_list_has_the_served_model(client, model_dir):
     assert body["object"] == "list" and len(body["data"]) == 1
     card = body["data"][0]
     assert card["id"] == MODEL and card["object"] == "model" and card["owned_by"] == "plait"
-    assert card["root"] == model_dir and card["max_model_len"] == 512
+    assert card["root"] == MODEL and card["max_model_len"] == 512
+    assert model_dir not in json.dumps(body)
     assert client.get(f"/v1/models/{MODEL}").json() == card
 
 
-def test_model_by_its_path_is_found_and_an_unknown_one_is_404(client, model_dir):
-    assert client.get(f"/v1/models/{model_dir}").json()["id"] == MODEL
+def test_a_model_path_is_not_a_model_name_and_an_unknown_one_is_404(client, model_dir):
+    error = assert_error(client.get(f"/v1/models/{model_dir}"), 404, "model")
+    assert error["code"] == "model_not_found"
     error = assert_error(client.get("/v1/models/gpt-4"), 404, "model")
     assert error["code"] == "model_not_found" and "gpt-4" in error["message"]
 

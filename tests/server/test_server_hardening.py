@@ -1,0 +1,212 @@
+"""The server under hostile or careless clients, in process on a tiny random model:
+every bad request is a 4xx naming the field, refused before it can stall or break
+anything, and nothing on the server is exposed or drivable from a web page."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from common import GREEDY, MODEL, PROMPTS, assert_error, sse_events
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from plait.runtime.server import ServerConfig, create_app
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with TestClient(create_app(engine, ServerConfig(served_model_name=MODEL))) as c:
+        yield c
+
+
+def _samples(client: TestClient) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _serves(client: TestClient) -> None:
+    body = {"text": "a", "sampling_params": {"max_new_tokens": 2}}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 2
+
+
+# ---- bad values ---------------------------------------------------------------------------
+
+
+def test_a_lone_surrogate_in_a_prompt_is_400(client):
+    r = client.post(
+        "/generate",
+        content=b'{"text": "abc \\ud800 def", "sampling_params": {"max_new_tokens": 2}}',
+        headers={"content-type": "application/json"},
+    )
+    error = assert_error(r, 400, "prompt")
+    assert "surrogate" in error["message"] and "'\\ud800'" in error["message"]
+    r = client.post(
+        "/v1/chat/completions",
+        content=b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        headers={"content-type": "application/json"},
+    )
+    assert "surrogate" in assert_error(r, 400, "messages")["message"]
+    _serves(client)
+
+
+@pytest.mark.parametrize(
+    "params,param",
+    [
+        ({"temperature": 1e-45, "max_new_tokens": 3}, None),  # greedy, not a crash
+        ({"repetition_penalty": 1e-300}, "sampling_params.repetition_penalty"),
+        ({"json_schema": {"$ref": "#"}}, "json_schema"),
+        ({"structural_tag": "{}"}, "sampling_params.structural_tag"),
+    ],
+)
+def test_values_that_broke_the_engine_are_answered_alone(client, params, param):
+    r = client.post("/generate", json={"text": PROMPTS[0], "sampling_params": params})
+    if param is None:
+        assert r.status_code == 200, r.text
+        assert r.json()["meta_info"]["finish_reason"]["type"] in ("length", "stop")
+    else:
+        assert_error(r, 400, param)
+    _serves(client)
+
+
+def test_top_logprobs_num_over_the_cap_is_400(client):
+    body = {"text": "a", "return_logprob": True, "top_logprobs_num": 49152}
+    error = assert_error(client.post("/generate", json=body), 400, "top_logprobs_num")
+    assert "20" in error["message"]
+
+
+def test_a_rid_in_flight_is_400_and_the_first_request_is_untouched(client, engine):
+    results = []
+    stream = engine.generate(
+        PROMPTS[1], {**GREEDY, "max_new_tokens": 60}, stream=True, rid="shared-rid"
+    )
+    first = next(stream)
+    thread = threading.Thread(target=lambda: results.extend([first, *stream]))
+    thread.start()
+    body = {"text": "a", "rid": "shared-rid", "sampling_params": {"max_new_tokens": 2}}
+    error = assert_error(client.post("/generate", json=body), 400, "rid")
+    assert "already in flight" in error["message"]
+    thread.join(30)
+    assert results[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert sum(len(p["output_ids"]) for p in results) == 60
+
+
+# ---- SGLang's fields ----------------------------------------------------------------------
+
+
+def test_image_data_on_a_text_model_is_400_naming_the_model(client):
+    body = {"text": "What is in the image?", "image_data": "data:image/png;base64,AAAA"}
+    error = assert_error(client.post("/generate", json=body), 400, "image_data")
+    assert "'tiny'" in error["message"] and "text-only" in error["message"]
+
+
+@pytest.mark.parametrize("field", ["return_hidden_states", "lora_path", "session_params"])
+def test_sglang_fields_that_cannot_apply_are_400(client, field):
+    body = {"text": "a", field: True if field == "return_hidden_states" else "x"}
+    assert_error(client.post("/generate", json=body), 400, field)
+
+
+def test_an_unknown_top_level_field_is_400_and_sglang_fields_are_accepted(client):
+    r = client.post("/generate", json={"text": "a", "temprature": 1})
+    assert "no such field" in assert_error(r, 400, "temprature")["message"]
+    body = {
+        "text": "a",
+        "sampling_params": {"max_new_tokens": 2, "no_stop_trim": True, "custom_params": {}},
+        "log_metrics": True,
+        "modalities": [],
+        "return_logprob": [True],
+        "logprob_start_len": [-1],
+        "top_logprobs_num": [2],
+    }
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["meta_info"]["output_top_logprobs"][0]) == 2
+
+
+def test_incremental_streaming_output_sends_only_what_is_new(client):
+    params = {**GREEDY, "max_new_tokens": 8}
+    whole = client.post("/generate", json={"text": PROMPTS[1], "sampling_params": params}).json()
+    body = {
+        "text": PROMPTS[1],
+        "sampling_params": params,
+        "stream": True,
+        "incremental_streaming_output": True,
+        "return_logprob": True,
+    }
+    events = sse_events(client.post("/generate", json=body).text)
+    assert events[-1] == "[DONE]"
+    pieces = events[:-1]
+    assert "".join(p["text"] for p in pieces) == whole["text"]
+    assert sum(len(p["output_ids"]) for p in pieces) == 8
+    lengths = [p["meta_info"]["output_token_logprobs_length"] for p in pieces]
+    assert lengths == sorted(lengths) and lengths[-1] == 8
+    assert sum(len(p["meta_info"]["output_token_logprobs"]) for p in pieces) == 8
+    cumulative = sse_events(
+        client.post("/generate", json={**body, "incremental_streaming_output": False}).text
+    )
+    assert cumulative[-2]["text"] == whole["text"]
+    assert cumulative[-2]["meta_info"]["output_token_logprobs_length"] == 8
+
+
+# ---- what a web page or a client may see ------------------------------------------------------
+
+
+def test_server_info_names_device_and_dtype_and_no_paths(client, engine):
+    info = client.get("/get_server_info").json()
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+    assert info["model"] == MODEL and "cache_dir" not in info
+    assert str(engine.source.model_path) not in json.dumps(info)
+
+
+def test_bearer_scheme_is_case_insensitive(engine):
+    app = create_app(engine, ServerConfig(served_model_name=MODEL, api_key="sesame"))
+    # Not entered: leaving a TestClient runs the app's shutdown, which would stop the
+    # module's engine.
+    c = TestClient(app)
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        r = c.get("/v1/models", headers={"authorization": f"{scheme} sesame"})
+        assert r.status_code == 200, scheme
+    assert c.get("/v1/models", headers={"authorization": "Basic sesame"}).status_code == 401
+
+
+def test_cors_only_for_the_origins_given(engine, client):
+    preflight = {
+        "origin": "http://example.test",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type",
+    }
+    r = client.options("/generate", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    r = client.get("/v1/models", headers={"origin": "http://example.test"})
+    assert "access-control-allow-origin" not in r.headers
+    app = create_app(
+        engine, ServerConfig(served_model_name=MODEL, allow_origins=("http://example.test",))
+    )
+    c = TestClient(app)  # not entered (see above)
+    r = c.options("/generate", headers=preflight)
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "http://example.test"
+    other = c.options("/generate", headers={**preflight, "origin": "http://evil.test"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_openai_streams_record_time_to_first_token(client, route):
+    key = ("plait_time_to_first_token_seconds_count", ())
+    before = _samples(client).get(key, 0)
+    body = {"model": MODEL, "stream": True, "max_tokens": 3, "temperature": 0, "n": 2}
+    if route.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": "Hi"}]
+    else:
+        body["prompt"] = "Hi"
+    events = sse_events(client.post(route, json=body).text)
+    assert events[-1] == "[DONE]"
+    assert _samples(client)[key] == before + 2
