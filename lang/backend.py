@@ -61,6 +61,10 @@ class Backend(ABC):
         """Incremental result dicts: each ``text`` is the new piece; the last one has
         ``meta_info["finish_reason"]`` set."""
 
+    def get_model_name(self) -> str:
+        """The name of the model behind this backend (SGLang's backends have it too)."""
+        return self.model_name
+
     def flush_cache(self) -> bool:
         return False
 
@@ -77,7 +81,9 @@ class EngineBackend(Backend):
     def __init__(self, engine: Any):
         self.engine = engine
         self.chat_template = engine.chat_template
-        self.model_name = str(engine.source.model_path)
+        # A name, never the path of the weights (an error message shows it).
+        model = str(engine.config.model).rstrip("/\\")
+        self.model_name = model.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".gguf")
 
     def generate(self, text, sampling_params, **options):
         return self.engine.generate(text, sampling_params, **options)

@@ -44,6 +44,7 @@ from plait.ir import (
     VarScopeEnd,
     to_expr,
 )
+from plait.runtime.errors import RequestError
 
 
 class StopTracing(Exception):
@@ -228,9 +229,10 @@ class StreamExecutor:
         if self.tracing:
             raise StopTracing("image")
         if not self.backend.supports_images:
-            raise ValueError(
-                f"image(): the model {self.backend.model_name} is text-only; images need a "
-                "vision-language model"
+            raise RequestError(
+                "image",
+                self.backend.get_model_name(),
+                "this model is text-only; images need a vision-language model",
             )
         self.cur_images.append(e.source)
         self._fill(self.template.image_token)

@@ -200,8 +200,12 @@ def test_errors_are_raised_in_the_caller(backend):
     def picture(s):
         s += pl.user(pl.image(_png()) + "What is this?")
 
-    with pytest.raises(ValueError, match="text-only"):
+    with pytest.raises(RequestError, match="text-only") as err:
         picture.run(backend=backend)
+    assert err.value.field == "image"
+    assert err.value.value == backend.get_model_name()
+    assert backend.get_model_name().startswith("tiny_llama")
+    assert "/" not in str(err.value)  # the model's name, not a cache path
 
 
 def test_image_sources_are_checked_when_built(tmp_path):

@@ -3,6 +3,7 @@ they give on the in-process engine, and select / fork reuse the server's cache."
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -53,8 +54,11 @@ def phone(s):
 
 def test_endpoint_takes_the_chat_template_from_the_server(served):
     engine, endpoint = served
-    assert endpoint.chat_template == engine.chat_template
-    assert endpoint.model_name == str(engine.source.model_path)
+    served_name = endpoint.model_info["served_model_name"]
+    assert endpoint.chat_template == dataclasses.replace(engine.chat_template, name=served_name)
+    # The server's name for its model, never the path of its weights.
+    assert endpoint.get_model_name() == endpoint.model_info["served_model_name"]
+    assert str(engine.source.model_path) not in endpoint.get_model_name()
 
 
 @pytest.mark.parametrize("program", [qa, pick, branches, phone], ids=lambda f: f.__name__)
