@@ -74,3 +74,19 @@ def cache_dir(tmp_path, monkeypatch) -> str:
     path.mkdir()
     monkeypatch.setenv("PLAIT_CACHE_DIR", str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_model_dir) -> str:
+    """The tiny Llama (GQA, tied embeddings) most engine tests run on."""
+    return tiny_model_dir("llama", tie_word_embeddings=True, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir):
+    """An engine on ``llama_dir`` sized for a few concurrent requests; modules that need
+    another engine define their own ``engine`` fixture."""
+    import plait
+
+    with plait.Engine(model=llama_dir, max_total_tokens=4096, max_running_requests=16) as eng:
+        yield eng

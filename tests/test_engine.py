@@ -23,17 +23,6 @@ def hf_greedy(model_dir: str, prompt: str, n: int) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tiny_model_dir) -> str:
-    return tiny_model_dir("llama", tie_word_embeddings=True, num_key_value_heads=2)
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir):
-    with plait.Engine(model=llama_dir, max_total_tokens=4096, max_running_requests=16) as eng:
-        yield eng
-
-
 # ---- exactness ---------------------------------------------------------------
 
 

@@ -20,17 +20,6 @@ from plait.runtime.request import Req
 from plait.runtime.sampler import Sampler
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tiny_model_dir) -> str:
-    return tiny_model_dir("llama", tie_word_embeddings=True, num_key_value_heads=2)
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir):
-    with plait.Engine(model=llama_dir, max_total_tokens=4096, max_running_requests=16) as eng:
-        yield eng
-
-
 def _long_stream(engine, rid: str | None = None):
     """A greedy stream that runs long enough to share batches with other requests."""
     stream = engine.generate(PROMPTS[1], {**GREEDY, "max_new_tokens": 40}, stream=True, rid=rid)
