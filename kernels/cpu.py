@@ -163,6 +163,14 @@ def _build() -> tuple[pathlib.Path, str]:
     with open(build_dir / "plait-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
+        built = (build_dir / "plait_cpu_ops.so").is_file()
+        if not built:  # a silent half minute of C++ compiling looks like a hang: say so
+            logger.info(
+                "building plait's CPU kernels (%s; once per machine, ~20-60 s) in %s ...",
+                cap,
+                build_dir,
+            )
+        started = time.perf_counter()
         cpp_extension.load(
             name="plait_cpu_ops",
             sources=[str(_SOURCE)],
@@ -172,6 +180,8 @@ def _build() -> tuple[pathlib.Path, str]:
             is_python_module=False,
             verbose=False,
         )
+        if not built:
+            logger.info("built plait's CPU kernels in %.1f s", time.perf_counter() - started)
     torch.ops.plait_cpu.silu_mul  # noqa: B018 - fails if the library did not register
     return build_dir, cap
 

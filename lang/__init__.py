@@ -48,8 +48,10 @@ from plait.choices import (
     token_length_normalized,
     unconditional_likelihood_normalized,
 )
+from plait.config import GlobalConfig, global_config
 from plait.function import Function, function
-from plait.interpreter import ProgramState, ProgramStateGroup
+from plait.interpreter import ProgramInterrupted, ProgramState, ProgramStateGroup
+from plait.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
 from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.sampling_params import SamplingParams
 
@@ -61,8 +63,14 @@ __all__ = [
     "Engine",
     "EngineBackend",
     "Function",
+    "GlobalConfig",
+    "ProgramInterrupted",
     "ProgramState",
     "ProgramStateGroup",
+    "REGEX_BOOL",
+    "REGEX_FLOAT",
+    "REGEX_INT",
+    "REGEX_STR",
     "RuntimeEndpoint",
     "SamplingParams",
     "__version__",
@@ -77,6 +85,7 @@ __all__ = [
     "gen_string",
     "get_default_backend",
     "get_server_info",
+    "global_config",
     "greedy_token_selection",
     "image",
     "select",

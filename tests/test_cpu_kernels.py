@@ -6,6 +6,10 @@ here rather than silently falling back to the slower torch ops.
 
 from __future__ import annotations
 
+import logging
+import pathlib
+import re
+
 import pytest
 import torch
 
@@ -161,3 +165,31 @@ def test_bench_kernels_prints_every_op(ops, monkeypatch, capsys):
     assert bench_kernels.main(argparse.Namespace(threads=torch.get_num_threads())) == 0
     out = capsys.readouterr().out
     assert out.count("decode attention") == 4 and out.count("rms_norm") == 2
+
+
+def test_a_build_says_what_it_does_and_how_long_it_took(ops, monkeypatch, tmp_path, caplog):
+    """The first build is a silent half minute of C++ compiling: it is logged (INFO) when
+    it starts and when it ends; a build directory that already has the library logs
+    neither."""
+    from torch.utils import cpp_extension
+
+    builds = []
+
+    def fake_load(name, sources, build_directory, **kwargs):  # the library is loaded already
+        builds.append(build_directory)
+        (pathlib.Path(build_directory) / "plait_cpu_ops.so").touch()
+
+    monkeypatch.setenv("PLAIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    with caplog.at_level(logging.INFO, logger="plait.kernels.cpu"):
+        build_dir, _ = cpu._build()
+    assert builds == [str(build_dir)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("building plait's CPU kernels") for m in messages), messages
+    assert any(re.fullmatch(r"built plait's CPU kernels in \d+\.\d s", m) for m in messages)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="plait.kernels.cpu"):
+        cpu._build()
+    assert len(builds) == 2  # torch's loader still runs (it checks the build is current)
+    assert not [r for r in caplog.records if "build" in r.getMessage()]
