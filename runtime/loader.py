@@ -359,6 +359,21 @@ def _convert_gguf(gguf: pathlib.Path, target: pathlib.Path, progress: bool) -> N
     logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
 
 
+@contextlib.contextmanager
+def _naming(source: ModelSource, what: str) -> Iterator[None]:
+    """A file transformers cannot read (truncated, corrupt) becomes a ModelLoadError that
+    names the model."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot load the {what} of model {source.spec!r} from {source.model_path}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
 def load_config(source: ModelSource) -> transformers.PretrainedConfig:
     import transformers
 
@@ -372,7 +387,7 @@ def load_config(source: ModelSource) -> transformers.PretrainedConfig:
 def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
     import transformers
 
-    with quiet_transformers():
+    with quiet_transformers(), _naming(source, "tokenizer"):
         return transformers.AutoTokenizer.from_pretrained(source.tokenizer_path)
 
 
@@ -382,7 +397,7 @@ def load_state_dict(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.
 
     load_config(source)
     started = time.perf_counter()
-    with quiet_transformers():
+    with quiet_transformers(), _naming(source, "weights"):
         model = transformers.AutoModelForCausalLM.from_pretrained(
             source.model_path, dtype=dtype, local_files_only=True
         )
