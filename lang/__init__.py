@@ -4,12 +4,11 @@
 
     @pl.function
     def ask(s, question):
-        s += pl.system("You answer briefly.")
-        s += pl.user(question)
+        s += pl.user(question)  # the model's template adds its default system prompt
         s += pl.assistant(pl.gen("answer", max_tokens=64))
 
-    state = ask.run(question="What is 7 * 6?")
-    state["answer"]
+    state = ask.run(question="What is the capital of France?", temperature=0)
+    state["answer"]  # 'The capital of France is Paris.' (the default model)
 
 The runtime behind it (``pl.Engine``) is imported only when first used.
 """

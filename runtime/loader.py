@@ -405,7 +405,7 @@ def load_state_dict(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.
     logger.info(
         "loaded %d weights (%.1fM parameters) of %s in %.1f s",
         len(weights),
-        sum(t.numel() for t in weights.values()) / 1e6,
+        sum({t.data_ptr(): t.numel() for t in weights.values()}.values()) / 1e6,  # tied once
         source.spec,
         time.perf_counter() - started,
     )
