@@ -42,7 +42,7 @@ Four sections, printed as each finishes (``--sections`` picks some):
    outputs validate and match both ways.
 
 5. **closing** (budget-aware closing, constrained/closing.py): a seeded sample of
-   ``--generate-limit`` schemas per set (default 50) generated with
+   ``--generate-limit`` schemas per set (default 40) generated with
    ``--max-new-tokens`` (default 512), greedy, with ``budget_closing`` on and
    off in the same batches (the two share each prompt's prefill through the
    prefix cache). Printed per set: compiled N (sampled schemas that compile
@@ -1104,7 +1104,7 @@ def main(args: argparse.Namespace) -> int:
 
     if "closing" in sections:
         data = find_data_dir(args.data_dir)
-        limit = 50 if args.generate_limit is None else args.generate_limit
+        limit = 40 if args.generate_limit is None else args.generate_limit
         max_tokens = args.max_new_tokens or 512
         by_set = closing_section(engine, data, limit, args.seed, max_tokens, args.batch_size)
         report_closing(by_set, limit, max_tokens)

@@ -30,8 +30,10 @@ not accept to an accepting state is never emitted.
 
 Policy (``BudgetCloser.check``, called once per decode step after the sampled
 token and its jump-forward tokens are accepted, before they are appended):
-closings are computed every ``PERIOD`` tokens, and at every step once the budget
-left is within twice the last closing length plus ``WINDOW``. If the step's
+closings are computed every ``PERIOD`` tokens, and at every step while the
+budget left is between the last closing length minus ``WINDOW`` and twice it
+plus ``WINDOW`` (a closing far longer than the budget, from a grammar that cannot
+finish in time, is only rechecked every ``PERIOD`` tokens). If the step's
 closing fits the budget left after the step exactly, the step's tokens and the
 closing are appended; if it no longer fits, the step's tokens are dropped
 (rolled back in the matcher: their KV was never computed) and the closing
@@ -338,7 +340,12 @@ class BudgetCloser:
             return None
         n_out = len(req.output_ids)
         left = budget - len(step)  # after this step
-        due = left <= 2 * st.last_len + WINDOW or n_out + len(step) - st.last_at >= PERIOD
+        # Every step while the budget left is near the closing length; every PERIOD
+        # tokens while it is far, or while the closing is far longer than the budget
+        # (a grammar that cannot finish in time: it may still shrink, but checking it
+        # every step would only cost time).
+        near = st.last_len - WINDOW <= left <= 2 * st.last_len + WINDOW
+        due = near or n_out + len(step) - st.last_at >= PERIOD
         if not due:
             return None
         try:

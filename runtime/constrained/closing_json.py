@@ -347,7 +347,7 @@ def _numbers(s: dict, integer: bool) -> list[str]:
         _num(s.get(k)) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
     ]
     m = _num(s.get("multipleOf"))
-    cands: list[float] = [0, 1, -1]
+    cands: list[float] = [0, 1, 2, 3, -1]
     for b in bounds:
         if b is not None and math.isfinite(b):
             cands += [b, math.ceil(b), math.floor(b), math.ceil(b) + 1, math.floor(b) - 1]
@@ -361,7 +361,7 @@ def _numbers(s: dict, integer: bool) -> list[str]:
     for c in cands:
         if number_ok(s, c, integer):
             texts.append(_format_number(c, integer))
-    return sorted(set(texts), key=lambda t: (len(t), t))[:2]
+    return sorted(set(texts), key=lambda t: (len(t), t))[:4]
 
 
 def _strings(s: dict) -> list[str]:
@@ -378,7 +378,7 @@ def _strings(s: dict) -> list[str]:
         text = c.complete("") if c is not None else None
         if text is not None:
             return [text]
-    return ["a" * n] if n else ["", "a"]
+    return [c * n for c in "abc"] if n else ["", "a", "b"]
 
 
 # ---- the partial document ----------------------------------------------------------------
