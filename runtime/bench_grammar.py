@@ -418,6 +418,8 @@ def validate_output(validator: Any, text: str, finish: dict | None, max_tokens: 
         return "not_counted", f"jsonschema cannot resolve $ref: {_one_line(str(e))}"
     except re.error as e:
         return "not_counted", f"jsonschema cannot compile a pattern: {e}"
+    except (OverflowError, ValueError, RecursionError) as e:  # e.g. a 600-digit integer
+        return "invalid", f"jsonschema cannot check the value: {type(e).__name__}: {e}"
     if error is None:
         return "valid", ""
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"

@@ -31,9 +31,11 @@ not accept to an accepting state is never emitted.
 Policy (``BudgetCloser.check``, called once per decode step after the sampled
 token and its jump-forward tokens are accepted, before they are appended):
 closings are computed every ``PERIOD`` tokens, and at every step while the
-budget left is between the last closing length minus ``WINDOW`` and twice it
-plus ``WINDOW`` (a closing far longer than the budget, from a grammar that cannot
-finish in time, is only rechecked every ``PERIOD`` tokens). If the step's
+budget left is between the last closing length minus ``WINDOW`` and twice the
+longest closing seen so far plus ``WINDOW`` (closings swing as the output opens
+and closes structures, and a step can add many tokens to one; a closing far
+longer than the budget, from a grammar that cannot finish in time, is only
+rechecked every ``PERIOD`` tokens). If the step's
 closing fits the budget left after the step exactly, the step's tokens and the
 closing are appended; if it no longer fits, the step's tokens are dropped
 (rolled back in the matcher: their KV was never computed) and the closing
@@ -138,6 +140,7 @@ class _State:
         self.pending = b""  # bytes of an unfinished character after output_ids[:fed]
         self.last_at = -PERIOD  # output length at the last computed closing
         self.last_len = 0  # its length in tokens
+        self.max_len = 0  # the longest closing seen (a closing grows back to it quickly)
         self.prev: tuple[int, list[int]] | None = None  # (output length, closing) that fit
         self.off = False
 
@@ -344,7 +347,7 @@ class BudgetCloser:
         # tokens while it is far, or while the closing is far longer than the budget
         # (a grammar that cannot finish in time: it may still shrink, but checking it
         # every step would only cost time).
-        near = st.last_len - WINDOW <= left <= 2 * st.last_len + WINDOW
+        near = st.last_len - WINDOW <= left <= 2 * st.max_len + WINDOW
         due = near or n_out + len(step) - st.last_at >= PERIOD
         if not due:
             return None
@@ -367,6 +370,7 @@ class BudgetCloser:
         st.last_at = n_out + len(step)
         if new is not None:
             st.last_len = len(new)
+            st.max_len = max(st.max_len, len(new))
             if len(new) < left or (not new and left == 0):
                 st.prev = (n_out + len(step), new)
                 return None

@@ -314,6 +314,8 @@ def _num(v: Any) -> float | None:
 
 def number_ok(s: dict, value: float, integer: bool) -> bool:
     """Whether ``value`` meets the numeric keywords of ``s``."""
+    if not math.isfinite(value):
+        return False
     if integer and not float(value).is_integer():
         return False
     lo, hi = _num(s.get("minimum")), _num(s.get("maximum"))
