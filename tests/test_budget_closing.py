@@ -22,6 +22,7 @@ from plait.runtime.constrained import GrammarCompiler, GrammarSpec, TokenizerInf
 from plait.runtime.constrained.closing import BudgetCloser
 from plait.runtime.constrained.closing_json import JsonCompleter
 from plait.runtime.constrained.closing_regex import RegexCompleter
+from plait.runtime.constrained.compiler import make_backend
 from plait.runtime.sampling_params import SamplingParams, SamplingParamsError
 
 EOS = 2  # <|im_end|> of the tiny tokenizer
@@ -136,6 +137,17 @@ def test_json_closing_is_accepted_and_validates(compiler, closer, tok, schema, p
     if expected is not None:
         assert text == expected
     jsonschema.validate(json.loads(partial + text), schema)
+
+
+def test_closing_works_with_the_outlines_backend(tok, closer):
+    info = TokenizerInfo.from_hf(tok, VOCAB, [EOS])
+    spec = GrammarSpec.of("json_schema", CODES)
+    m = make_backend("outlines", info).compile(spec).matcher()
+    ids = tok.encode('{"zip":"12', add_special_tokens=False)
+    assert all(m.accept(t) for t in ids)
+    closing = closer.closing_tokens(m, spec, ids)
+    assert closer.text_bytes(closing).decode() == '000","code":"AA-0","ok":true,"none":null}'
+    assert all(m.accept(t) for t in closing) and m.can_stop()
 
 
 def test_json_completer_fills_required_properties_in_schema_order():

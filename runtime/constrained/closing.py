@@ -79,6 +79,9 @@ WINDOW = 8  # tokens of slack past twice the last closing length: check every st
 MAX_SEARCH_CHARS = 256  # characters the greedy search may add
 REUSE_PENALTY = 12  # ranks a character loses in the greedy search each time it is used
 MAX_SPECS = 64  # completers kept (per grammar spec)
+# Longer regexes are closed by the search only: interegular's DFA is built in pure
+# Python on the scheduler thread and takes long on large patterns.
+MAX_REGEX_CHARS = 2000
 
 # Character preferences of the greedy search, as (closers, the rest): after JSON
 # (close what is open, then the shortest values), and after anything else
@@ -204,7 +207,7 @@ class BudgetCloser:
         completer: Any = None
         if spec.kind == "json_schema":
             completer = JsonCompleter(spec.value())
-        elif spec.kind == "regex":
+        elif spec.kind == "regex" and len(spec.source) <= MAX_REGEX_CHARS:
             completer = RegexCompleter.of(ascii_digits(spec.source))
         elif spec.kind == "choices":
             completer = RegexCompleter.of(choices_to_regex(spec.value()))
