@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_ops.cpp")
 _lock = threading.Lock()
+_BUILD_NOTICE_AFTER_S = 1.0  # a load slower than this is a build, and is announced
 _loaded: bool | None = None
 _load_error: str | None = None
 
@@ -163,15 +164,38 @@ def _build() -> tuple[pathlib.Path, str]:
     with open(build_dir / "plait-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
-        cpp_extension.load(
-            name="plait_cpu_ops",
-            sources=[str(_SOURCE)],
-            extra_cflags=cflags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
+        # Loading a built library takes well under a second; past that, torch is compiling
+        # (the first time on this machine, or after the source file changed), a silent half
+        # minute that looks like a hang: say what is happening.
+        started = time.perf_counter()
+        announced = threading.Event()
+
+        def announce() -> None:
+            announced.set()
+            logger.info(
+                "building plait's CPU kernels (%s; once per machine, ~20-60 s) in %s ...",
+                cap,
+                build_dir,
+            )
+
+        notice = threading.Timer(_BUILD_NOTICE_AFTER_S, announce)
+        notice.daemon = True
+        notice.start()
+        try:
+            cpp_extension.load(
+                name="plait_cpu_ops",
+                sources=[str(_SOURCE)],
+                extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
+        finally:
+            notice.cancel()
+            notice.join()
+        if announced.is_set():
+            logger.info("built plait's CPU kernels in %.1f s", time.perf_counter() - started)
     torch.ops.plait_cpu.silu_mul  # noqa: B018 - fails if the library did not register
     return build_dir, cap
 

@@ -4,12 +4,11 @@
 
     @pl.function
     def ask(s, question):
-        s += pl.system("You answer briefly.")
-        s += pl.user(question)
+        s += pl.user(question)  # the model's template adds its default system prompt
         s += pl.assistant(pl.gen("answer", max_tokens=64))
 
-    state = ask.run(question="What is 7 * 6?")
-    state["answer"]
+    state = ask.run(question="What is the capital of France?", temperature=0)
+    state["answer"]  # 'The capital of France is Paris.' (the default model)
 
 The runtime behind it (``pl.Engine``) is imported only when first used.
 """
@@ -48,8 +47,10 @@ from plait.choices import (
     token_length_normalized,
     unconditional_likelihood_normalized,
 )
+from plait.config import GlobalConfig, global_config
 from plait.function import Function, function
-from plait.interpreter import ProgramState, ProgramStateGroup
+from plait.interpreter import ProgramInterrupted, ProgramState, ProgramStateGroup
+from plait.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
 from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.sampling_params import SamplingParams
 
@@ -61,8 +62,14 @@ __all__ = [
     "Engine",
     "EngineBackend",
     "Function",
+    "GlobalConfig",
+    "ProgramInterrupted",
     "ProgramState",
     "ProgramStateGroup",
+    "REGEX_BOOL",
+    "REGEX_FLOAT",
+    "REGEX_INT",
+    "REGEX_STR",
     "RuntimeEndpoint",
     "SamplingParams",
     "__version__",
@@ -77,6 +84,7 @@ __all__ = [
     "gen_string",
     "get_default_backend",
     "get_server_info",
+    "global_config",
     "greedy_token_selection",
     "image",
     "select",

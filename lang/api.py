@@ -14,12 +14,24 @@ from typing import Any
 
 from plait.backend import Backend, as_backend, get_default_backend
 from plait.choices import ChoicesMethod, resolve_method, token_length_normalized
-from plait.ir import Expr, ExprList, Gen, Image, RoleBegin, RoleEnd, Select, to_expr
-from plait.runtime.constrained.regexes import BOOL_REGEX, FLOAT_REGEX, INT_REGEX, STRING_REGEX
+from plait.ir import (
+    REGEX_BOOL,
+    REGEX_FLOAT,
+    REGEX_INT,
+    REGEX_STR,
+    Expr,
+    ExprList,
+    Gen,
+    Image,
+    RoleBegin,
+    RoleEnd,
+    Select,
+    to_expr,
+)
 from plait.runtime.errors import RequestError
 from plait.runtime.sampling_params import SamplingParams
 
-_DTYPE_REGEX = {int: INT_REGEX, float: FLOAT_REGEX, bool: BOOL_REGEX, str: STRING_REGEX}
+_DTYPE_REGEX = {int: REGEX_INT, float: REGEX_FLOAT, bool: REGEX_BOOL, str: REGEX_STR}
 _DTYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
@@ -51,9 +63,10 @@ def gen(
     ebnf: str | None = None,
 ) -> Expr:
     """Generate into variable ``name``. With ``choices`` it is ``select``; ``dtype``
-    (int, float, bool, str) constrains the text to that JSON literal; ``json_schema``
-    may be a dict, a JSON string or a pydantic model class (then ``s.parsed(name)``
-    is the validated object)."""
+    (int, float, bool, str) constrains the text with SGLang's ``REGEX_INT`` /
+    ``REGEX_FLOAT`` / ``REGEX_BOOL`` / ``REGEX_STR`` (plait.ir) and ``s.parsed(name)``
+    converts it; ``json_schema`` may be a dict, a JSON string or a pydantic model
+    class (then ``s.parsed(name)`` is the validated object)."""
     if choices is not None:
         return select(name, choices, temperature or 0.0, choices_method)
     constraints = [
@@ -79,9 +92,10 @@ def gen(
             raise RequestError("dtype", dtype, "expected int, float, bool or str")
         regex = _DTYPE_REGEX[py_type]
         if py_type in (int, float):
-            # The number may be followed by a space or newline and then anything: the
-            # stop strings cut the text there. So a model may end the number with a
-            # token like " hours" instead of being cornered into more digits.
+            # As on SGLang, the number ends at the first space or newline (stop strings).
+            # Past the number the regex also lets a space or newline start anything, so
+            # a model may end the number with a token like " hours" (cut by the stop)
+            # instead of being cornered into more digits.
             regex += "([ \\n][\\s\\S]*)?"
             stop = [*([stop] if isinstance(stop, str) else stop or []), " ", "\n"]
     elif regex is not None:
@@ -126,15 +140,18 @@ def gen(
 
 
 def gen_int(name: str | None = None, **kwargs: Any) -> Expr:
+    """An integer (``REGEX_INT``); ``s.parsed(name)`` is the int."""
     return gen(name, dtype=int, **kwargs)
 
 
 def gen_float(name: str | None = None, **kwargs: Any) -> Expr:
+    """A decimal number (``REGEX_FLOAT``); ``s.parsed(name)`` is the float."""
     return gen(name, dtype=float, **kwargs)
 
 
 def gen_string(name: str | None = None, **kwargs: Any) -> Expr:
-    """A JSON string literal (quoted); ``s.parsed(name)`` is the Python str."""
+    """A quoted string of word characters and spaces (``REGEX_STR``); ``s.parsed(name)``
+    is the text between the quotes."""
     return gen(name, dtype=str, **kwargs)
 
 

@@ -231,6 +231,11 @@ def set_default_backend(backend: Any) -> None:
         _default = as_backend(backend) if backend is not None else None
 
 
+def current_default_backend() -> Backend | None:
+    """The default backend if one is set or started, else None (starts nothing)."""
+    return _default
+
+
 def get_default_backend() -> Backend:
     """The default backend; the first call with none set starts the embedded engine
     with the default model."""

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from plait.backend import Backend, as_backend, get_default_backend
+from plait.config import global_config
 from plait.interpreter import ProgramState, StreamExecutor
 from plait.ir import Argument
 from plait.runtime.sampling_params import SamplingParams
@@ -50,11 +51,28 @@ def _defaults(given: dict[str, Any]) -> dict[str, Any]:
 
 
 class Function:
-    def __init__(self, func: Callable, bind_arguments: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        func: Callable,
+        num_api_spec_tokens: int | None = None,
+        bind_arguments: dict[str, Any] | None = None,
+    ):
         names = list(inspect.signature(func).parameters)
         if not names or names[0] != "s":
             raise TypeError(f"{func.__name__}: a program's first parameter must be named `s`")
+        if num_api_spec_tokens is not None and (
+            isinstance(num_api_spec_tokens, bool)
+            or not isinstance(num_api_spec_tokens, int)
+            or num_api_spec_tokens < 1
+        ):
+            raise ValueError(
+                f"num_api_spec_tokens={num_api_spec_tokens!r}: expected None or an integer >= 1"
+            )
         self.func = func
+        # SGLang's API speculation: one call to a chat API that cannot continue an assistant
+        # turn writes several gens at once. plait's backends continue any text, so each gen
+        # is its own request and this is kept only so SGLang programs run unchanged.
+        self.num_api_spec_tokens = num_api_spec_tokens
         self.arg_names = names[1:]
         self.bind_arguments = dict(bind_arguments or {})
         functools.update_wrapper(self, func)
@@ -64,7 +82,9 @@ class Function:
         unknown = sorted(set(kwargs) - set(self.arg_names))
         if unknown:
             raise TypeError(f"{self.func.__name__} has no arguments {unknown}")
-        return Function(self.func, {**self.bind_arguments, **kwargs})
+        return Function(
+            self.func, self.num_api_spec_tokens, bind_arguments={**self.bind_arguments, **kwargs}
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Inside another program, ``f(s, ...)`` continues on ``s``; otherwise ``run``."""
@@ -124,7 +144,7 @@ class Function:
             for a in batch_kwargs
         ]
         be = _backend(backend)
-        if len(runs) > 1:
+        if len(runs) > 1 and global_config.enable_precache_with_tracing:
             self.cache(be)
         if num_threads == "auto":
             num_threads = min(len(runs), 64)
@@ -175,13 +195,12 @@ class Function:
         return merged
 
 
-def function(func: Callable | None = None, **options: Any) -> Any:
-    """``@function`` or ``@function()``: make ``func(s, ...)`` a program."""
-    if options:
-        raise TypeError(f"function() got unknown options {sorted(options)}")
+def function(func: Callable | None = None, num_api_spec_tokens: int | None = None) -> Any:
+    """``@function``, ``@function()`` or ``@function(num_api_spec_tokens=N)`` (SGLang's
+    signature): make ``func(s, ...)`` a program."""
     if func is None:
-        return Function
-    return Function(func)
+        return functools.partial(Function, num_api_spec_tokens=num_api_spec_tokens)
+    return Function(func, num_api_spec_tokens)
 
 
 def _backend(backend: Any) -> Backend:
@@ -217,4 +236,6 @@ def run_program(
     except Exception:
         if raise_errors:
             raise
+    if global_config.verbosity >= 2 and executor.error is None:
+        print(executor.text_)  # asked for: SGLang's verbosity 2 prints every final text
     return state

@@ -28,6 +28,7 @@ from typing import Any
 
 from plait.backend import Backend, BackendError
 from plait.choices import resolve_method
+from plait.config import global_config
 from plait.ir import (
     Argument,
     ConcatForks,
@@ -49,6 +50,33 @@ from plait.runtime.errors import RequestError
 
 class StopTracing(Exception):
     """Raised inside a traced program at the first non-constant step."""
+
+
+class ProgramInterrupted(RuntimeError):
+    """The program stopped because its reader was interrupted (Ctrl-C)."""
+
+
+# Streamed pieces carry the logprobs of their own tokens; these lists add up.
+_INCREMENTAL_META = (
+    "input_token_logprobs",
+    "output_token_logprobs",
+    "input_top_logprobs",
+    "output_top_logprobs",
+)
+
+
+def _merge_stream_meta(
+    before: dict[str, Any] | None, piece: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The meta_info of several consecutive streamed pieces as one: the latest values,
+    with the per-token logprob lists of all of them in order."""
+    if before is None or piece is None:
+        return piece if piece is not None else before
+    merged = dict(piece)
+    for key in _INCREMENTAL_META:
+        if key in before or key in piece:
+            merged[key] = list(before.get(key) or []) + list(piece.get(key) or [])
+    return merged
 
 
 def _flatten(expr: Expr) -> Iterator[Expr]:
@@ -85,6 +113,9 @@ class StreamExecutor:
         self.fork_start = 0
         self.error: BaseException | None = None
         self.finished = False
+        self.interrupted = False  # set by interrupt(): a streaming gen stops at its next piece
+        # (variable, meta_info) of every streamed piece, for text_async_iter's meta data
+        self.stream_log: list[tuple[str | None, dict[str, Any]]] = []
         self.cond = threading.Condition()  # wakes streaming readers
         self._queue: queue.Queue = queue.Queue()
         if not tracing:
@@ -116,6 +147,13 @@ class StreamExecutor:
     def end(self) -> None:
         if not self.tracing:
             self._queue.put(None)
+
+    def interrupt(self) -> None:
+        """Stop the program: a streaming gen aborts its request at its next piece, and
+        nothing queued after it runs (the reader pressed Ctrl-C)."""
+        with self.cond:
+            self.interrupted = True
+            self.cond.notify_all()
 
     def get_var(self, name: str) -> Any:
         if self.tracing:
@@ -163,6 +201,8 @@ class StreamExecutor:
             try:
                 if expr is None:
                     return
+                if self.error is None and self.interrupted:
+                    raise ProgramInterrupted("the program was interrupted")
                 if self.error is None:
                     self._execute(expr)
             except Exception as e:  # kept, and raised in the caller at its next read
@@ -251,7 +291,7 @@ class StreamExecutor:
     # ---- gen ---------------------------------------------------------------------------
 
     def _sampling_params(self, e: Gen) -> dict[str, Any]:
-        params = {**self.defaults, **e.params}
+        params = {**self.defaults, **global_config.detokenize_params(), **e.params}
         if self.cur_role == "assistant" and self.template.stop_str:
             stop = params.get("stop") or []
             stop = [stop] if isinstance(stop, str) else list(stop)
@@ -271,13 +311,22 @@ class StreamExecutor:
         options = {k: v for k, v in options.items() if v is not None}
         if self.stream and params.get("n", 1) == 1:
             value, meta = "", None
-            for piece in self.backend.generate_stream(self.text_, params, **options):
-                value += piece["text"]
-                meta = piece["meta_info"]
-                with self.cond:
-                    if e.name is not None:
-                        self.variables[e.name] = value
-                    self._fill(piece["text"])
+            pieces = self.backend.generate_stream(self.text_, params, **options)
+            try:
+                for piece in pieces:
+                    if self.interrupted:
+                        raise ProgramInterrupted("the program was interrupted while streaming")
+                    value += piece["text"]
+                    meta = _merge_stream_meta(meta, piece["meta_info"])
+                    with self.cond:
+                        if e.name is not None:
+                            self.variables[e.name] = value
+                        self.stream_log.append((e.name, piece["meta_info"]))
+                        self._fill(piece["text"])
+            finally:
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()  # a stream left early aborts its request on the backend
             _check_finish(meta)
         else:
             out = self.backend.generate(self.text_, params, **options)
@@ -361,6 +410,16 @@ class StreamExecutor:
             entries.append(mine)
             token_lps.append([lp for lp, _, _ in mine if lp is not None])
         return token_lps, entries
+
+
+def _parse_typed(dtype: type, text: str) -> Any:
+    """The value of text a typed gen wrote (plait.ir's REGEX_INT, ...)."""
+    text = text.strip()
+    if dtype is bool:
+        return text == "True"
+    if dtype is str:
+        return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text
+    return dtype(text)
 
 
 def _check_finish(meta: dict[str, Any] | None) -> None:
@@ -465,7 +524,9 @@ class ProgramState:
             return value
         if gen.schema_model is not None:
             return gen.schema_model.model_validate_json(value)
-        if gen.dtype is not None or "json_schema" in gen.params:
+        if gen.dtype is not None:
+            return _parse_typed(gen.dtype, value)
+        if "json_schema" in gen.params:
             return json.loads(value)
         return value
 
@@ -476,22 +537,59 @@ class ProgramState:
 
     # streaming
     def text_iter(self, var_name: str | None = None) -> Iterator[str]:
-        """The text (or one variable) as it grows; one piece when not streaming."""
+        """The text (or one variable) as it grows; one piece when not streaming.
+        Ctrl-C while waiting stops the program (its request is aborted) and raises
+        KeyboardInterrupt here."""
+        for piece, _ in self._pieces(var_name):
+            yield piece
+
+    async def text_async_iter(
+        self, var_name: str | None = None, return_meta_data: bool = False
+    ) -> AsyncIterator[Any]:
+        """``text_iter`` for asyncio. With ``return_meta_data`` each item is ``(text,
+        meta_info)``: the meta_info of the request that wrote the piece, its logprob
+        lists covering the piece's own tokens (as SGLang gives them)."""
+        loop = asyncio.get_running_loop()
+        it = self._pieces(var_name)
+        done = object()
+        try:
+            while True:
+                item = await loop.run_in_executor(None, next, it, done)
+                if item is done:
+                    return
+                yield item if return_meta_data else item[0]
+        finally:
+            it.close()
+
+    def _pieces(self, var_name: str | None) -> Iterator[tuple[str, dict[str, Any] | None]]:
         ex = self.executor
         if not ex.stream:
-            yield self.text() if var_name is None else self[var_name]
+            text = self.text() if var_name is None else self[var_name]
+            meta = ex.meta_info.get(var_name) if var_name is not None else None
+            yield text, meta
             return
-        pos = 0
-        while True:
-            with ex.cond:
-                ex.cond.wait_for(lambda p=pos: self._grown(var_name, p) or self._done(var_name))
-                current = ex.text_ if var_name is None else ex.variables.get(var_name, "")
-                done = self._done(var_name) and not self._grown(var_name, pos)
-            if len(current) > pos:
-                yield current[pos:]
-                pos = len(current)
-            if done:
-                break
+        pos = logged = 0
+        try:
+            while True:
+                with ex.cond:
+                    ex.cond.wait_for(lambda p=pos: self._grown(var_name, p) or self._done(var_name))
+                    current = ex.text_ if var_name is None else ex.variables.get(var_name, "")
+                    done = self._done(var_name) and not self._grown(var_name, pos)
+                    log, logged = ex.stream_log[logged:], len(ex.stream_log)
+                meta, meta_of = None, None
+                for name, piece_meta in log:
+                    if var_name is None and name != meta_of:  # the text moved to another gen
+                        meta, meta_of = None, name
+                    if var_name is None or name == var_name:
+                        meta = _merge_stream_meta(meta, piece_meta)
+                if len(current) > pos:
+                    yield current[pos:], meta
+                    pos = len(current)
+                if done:
+                    break
+        except KeyboardInterrupt:
+            ex.interrupt()
+            raise
         ex.raise_error()
 
     def _grown(self, var_name: str | None, pos: int) -> bool:
@@ -505,22 +603,6 @@ class ProgramState:
             return True
         event = ex.var_events.get(var_name) if var_name is not None else None
         return event is not None and event.is_set()
-
-    async def text_async_iter(
-        self, var_name: str | None = None, return_meta_data: bool = False
-    ) -> AsyncIterator[Any]:
-        loop = asyncio.get_running_loop()
-        it = self.text_iter(var_name)
-        done = object()
-        while True:
-            piece = await loop.run_in_executor(None, next, it, done)
-            if piece is done:
-                return
-            if return_meta_data:
-                meta = self.executor.meta_info.get(var_name) if var_name else None
-                yield piece, meta
-            else:
-                yield piece
 
     def __repr__(self) -> str:
         return f"ProgramState({self.text()!r})"
@@ -536,6 +618,11 @@ class ProgramStateGroup:
 
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
+
+    def __setitem__(self, i: int, value: ProgramState) -> None:
+        """Completes ``forks[i] += expr`` (the append already went to branch i)."""
+        if value is not self.states[i]:
+            raise TypeError("a fork's branches cannot be replaced; append to them with +=")
 
     def __len__(self) -> int:
         return len(self.states)

@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from plait.runtime.sampling_params import SamplingParams
+# SGLang's typed-generation regexes (``sglang.lang.ir``), the same strings, so a program
+# that imports them from ``plait.lang.ir`` constrains exactly as it did on SGLang.
+# ``gen_int`` / ``gen_float`` stop at the first space or newline after the number.
+REGEX_INT = r"[-+]?[0-9]+[ \n]*"
+REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
+REGEX_BOOL = r"(True|False)"
+# Word characters and whitespace only: SGLang's choice (``".*"`` broke interegular).
+REGEX_STR = r"\"[\w\d\s]*\""
 
 
 class Expr:
@@ -139,7 +146,3 @@ class ConcatForks(Expr):
     """Append each fork's text (written after the fork) to this state."""
 
     states: list[Any] = field(default_factory=list)
-
-
-def sampling_fields() -> set[str]:
-    return {f for f in SamplingParams.__dataclass_fields__}

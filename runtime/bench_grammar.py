@@ -41,6 +41,14 @@ Four sections, printed as each finishes (``--sections`` picks some):
    with and without jump-forward; % saved (goal >= 30 %), and whether the
    outputs validate and match both ways.
 
+5. **closing** (budget-aware closing, constrained/closing.py): a seeded sample of
+   ``--generate-limit`` schemas per set (default 40) generated with
+   ``--max-new-tokens`` (default 512), greedy, with ``budget_closing`` on and
+   off in the same batches (the two share each prompt's prefill through the
+   prefix cache). Printed per set: compiled N (sampled schemas that compile
+   and that jsonschema can check), valid outputs M/N for each mode, and how
+   many outputs closing finished (``finish_reason.closed``).
+
 4. **peer**: plait against outlines and guidance on the same model files, in
    the same run: seconds per call for a ~14-token JSON object (name, age) and
    a 4-way select. The peers run in their own environment
@@ -156,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sections",
         default="coverage,overhead,jump,peer",
-        help="comma-separated subset of coverage,overhead,jump,peer",
+        help="comma-separated subset of coverage,overhead,jump,peer,closing",
     )
     g.add_argument("--peer-python", default=None, help="python of a venv with outlines/guidance")
     g.add_argument("--peer-calls", type=int, default=None, help="timed calls per peer workload")
@@ -410,6 +418,8 @@ def validate_output(validator: Any, text: str, finish: dict | None, max_tokens: 
         return "not_counted", f"jsonschema cannot resolve $ref: {_one_line(str(e))}"
     except re.error as e:
         return "not_counted", f"jsonschema cannot compile a pattern: {e}"
+    except (OverflowError, ValueError, RecursionError) as e:  # e.g. a 600-digit integer
+        return "invalid", f"jsonschema cannot check the value: {type(e).__name__}: {e}"
     if error is None:
         return "valid", ""
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"
@@ -444,6 +454,19 @@ def generate_section(
     engine: Any, paths: list[Path], max_tokens: int, batch_size: int
 ) -> tuple[list[GenResult], dict[str, float]]:
     """Generate one output per schema with the default engine and validate it."""
+    by_mode = generate_modes(engine, paths, max_tokens, batch_size, {"default": {}})
+    return by_mode["default"]
+
+
+def generate_modes(
+    engine: Any,
+    paths: list[Path],
+    max_tokens: int,
+    batch_size: int,
+    modes: dict[str, dict[str, Any]],
+) -> dict[str, tuple[list[GenResult], dict[str, float]]]:
+    """Generate one output per schema and mode (extra sampling params per mode; the
+    modes of a schema share a batch, hence its prompt's prefill) and validate them."""
     from plait.runtime.constrained import GrammarError, GrammarSpec
 
     results: dict[str, GenResult] = {}
@@ -471,28 +494,85 @@ def generate_section(
         results[path.name] = GenResult(path.name, "pending", backend=compiled.backend)
 
     t0 = time.perf_counter()
-    tokens = 0
-    for i in range(0, len(todo), batch_size):
-        batch = todo[i : i + batch_size]
+    per_mode = {m: ({}, {"tokens": 0, "closed": 0, "cut_prompts": cut_prompts}) for m in modes}
+    for m in modes:
+        per_mode[m][0].update({k: GenResult(**vars(r)) for k, r in results.items()})
+    step = max(1, batch_size // len(modes))
+    for i in range(0, len(todo), step):
+        batch = [(item, m) for item in todo[i : i + step] for m in modes]
         params = [
-            {"max_new_tokens": max_tokens, "temperature": 0, "json_schema": s}
-            for _, s, _, _ in batch
+            {"max_new_tokens": max_tokens, "temperature": 0, "json_schema": s, **modes[m]}
+            for (_, s, _, _), m in batch
         ]
-        outs = _generate_isolated(engine, [p for *_, p in batch], params)
-        for (name, _, validator, _), out in zip(batch, outs):
-            r = results[name]
+        outs = _generate_isolated(engine, [item[3] for item, _ in batch], params)
+        for ((name, _, validator, _), m), out in zip(batch, outs):
+            r = per_mode[m][0][name]
+            info = per_mode[m][1]
             if isinstance(out, Exception):
                 r.status, r.reason = "compile_error", f"generate raised: {_one_line(str(out))}"
                 continue
             meta = out["meta_info"]
-            tokens += meta["completion_tokens"]
+            info["tokens"] += meta["completion_tokens"]
+            info["closed"] += bool((meta["finish_reason"] or {}).get("closed"))
             r.backend = meta.get("grammar_backend", r.backend)
             r.status, r.reason = validate_output(
                 validator, out["text"], meta["finish_reason"], max_tokens
             )
     seconds = time.perf_counter() - t0
-    ordered = [results[p.name] for p in paths]
-    return ordered, {"seconds": seconds, "tokens": tokens, "cut_prompts": cut_prompts}
+    out_modes = {}
+    for m, (res, info) in per_mode.items():
+        info["seconds"] = seconds
+        out_modes[m] = ([res[p.name] for p in paths], info)
+    return out_modes
+
+
+def closing_section(
+    engine: Any, data: Path, limit: int, seed: int, max_tokens: int, batch_size: int
+) -> dict[str, dict[str, tuple[list[GenResult], dict[str, float]]]]:
+    """Per set: outputs with budget-aware closing on and off (same schemas, same run)."""
+    modes = {"closing on": {"budget_closing": True}, "closing off": {"budget_closing": False}}
+    out = {}
+    for set_name in SETS:
+        from plait.runtime.constrained.coverage import sample_schemas
+
+        paths = sample_schemas(data / set_name, limit, seed)
+        out[set_name] = generate_modes(engine, paths, max_tokens, batch_size, modes)
+        _log(f"  closing {set_name}: {out[set_name]['closing on'][1]['seconds']:.0f} s")
+    return out
+
+
+def report_closing(
+    by_set: dict[str, dict[str, tuple[list[GenResult], dict[str, float]]]],
+    limit: int,
+    max_tokens: int,
+) -> None:
+    print(
+        f"\n== 5. Budget-aware closing: JSONSchemaBench, {limit} schemas/set, greedy, "
+        f"max {max_tokens} tokens; valid = validates with jsonschema"
+    )
+    for set_name, modes in by_set.items():
+        parts = []
+        compiled = 0
+        for mode, (results, info) in modes.items():
+            counted = [r for r in results if r.status in ("valid", "invalid")]
+            compiled = len(counted)
+            valid = sum(r.status == "valid" for r in counted)
+            pct = 100.0 * valid / max(compiled, 1)
+            parts.append(
+                f"{mode}: valid outputs {valid}/{compiled} ({pct:.1f}%), "
+                f"{int(info['closed'])} closed, {int(info['tokens'])} tokens"
+            )
+        print(f"{set_name}: compiled {compiled}; " + "; ".join(parts))
+    print("\ninvalid outputs:")
+    for set_name, modes in by_set.items():
+        for mode, (results, _) in modes.items():
+            for r in results:
+                if r.status == "invalid":
+                    print(f"  {set_name} [{mode}] {r.name} [{r.backend}]: {r.reason}")
+            skipped = [r for r in results if r.status in ("not_counted", "compile_error")]
+            if skipped and mode == next(iter(modes)):
+                names = ", ".join(f"{r.name} ({r.status})" for r in skipped)
+                print(f"  {set_name}: not counted: {names}")
 
 
 def _generate_isolated(engine: Any, prompts: list[str], params: list[dict]) -> list[Any]:
@@ -974,7 +1054,7 @@ def main(args: argparse.Namespace) -> int:
         peer_calls=args.peer_calls or base.peer_calls,
     )
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"coverage", "overhead", "jump", "peer"}
+    unknown = sections - {"coverage", "overhead", "jump", "peer", "closing"}
     if unknown:
         raise SystemExit(f"unknown --sections {sorted(unknown)}")
     kwargs = engine_options(args, threads)
@@ -1022,6 +1102,14 @@ def main(args: argparse.Namespace) -> int:
                 )
                 _log(f"  generated {s}: {generated[s][1]['seconds']:.0f} s")
         report_coverage(compiled, generated, sizes, args.compile_timeout, worker.restarts)
+        sys.stdout.flush()
+
+    if "closing" in sections:
+        data = find_data_dir(args.data_dir)
+        limit = 40 if args.generate_limit is None else args.generate_limit
+        max_tokens = args.max_new_tokens or 512
+        by_set = closing_section(engine, data, limit, args.seed, max_tokens, args.batch_size)
+        report_closing(by_set, limit, max_tokens)
         sys.stdout.flush()
 
     if "overhead" in sections:

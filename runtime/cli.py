@@ -1,11 +1,10 @@
 """The ``plait`` command (also ``python -m plait``).
 
-plait generate "The capital of France is" --max-new-tokens 16
-plait serve --model smollm2 --port 30000
-plait bench engine --threads 2
-plait bench prefix --threads 2
-plait bench grammar --threads 2
-plait bench kernels --threads 2
+Arguments are checked before anything heavy is imported or loaded: a bad value
+ends the command at once with one line, ``plait: error: ...``, and exit status
+2 (argparse's convention for usage errors). Errors while running print one line
+too (status 2 for bad input such as a model that cannot load, 1 otherwise);
+``--log-level debug`` adds the traceback. Ctrl-C exits with status 130.
 """
 
 from __future__ import annotations
@@ -15,15 +14,64 @@ import json
 import logging
 import pathlib
 import sys
+import traceback
+
+DESCRIPTION = (
+    "plait: a structured-generation runtime. Generate text for one prompt, serve "
+    "SGLang's native HTTP API and OpenAI's, or run a benchmark."
+)
+EXAMPLES = """examples:
+  plait generate "The capital of France is" --max-new-tokens 16
+  plait generate "Tell me a joke" --chat --stream --temperature 0.7 --seed 1
+  plait serve --model smollm2 --port 30000
+  plait bench engine --threads 2
+  plait <command> --help     the options of one command, with their defaults
+"""
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
+
+log = logging.getLogger("plait.cli")
+
+
+class UsageError(ValueError):
+    """A command-line value is wrong; the message names the option."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, False)
+    or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+# ---- options --------------------------------------------------------------------------------
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="alias, HF model dir or .gguf file")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--max-total-tokens", type=int, default=None, help="KV cache size in tokens")
-    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget")
+    e = p.add_argument_group("model and engine")
+    e.add_argument(
+        "--model",
+        default="smollm2",
+        help="a model alias (smollm2), a Hugging Face model directory or a .gguf file",
+    )
+    e.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)"
+    )
+    e.add_argument(
+        "--dtype", default=None, choices=DTYPES, help="(default: bfloat16 on CUDA, float32 on CPU)"
+    )
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    e.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        help="KV cache size in tokens (default: from --kv-cache-memory-gb)",
+    )
+    e.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget in GiB")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
@@ -36,10 +84,8 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
     }
 
 
-def _generate(a: argparse.Namespace) -> int:
-    from plait.runtime.engine import Engine
-
-    params = {
+def _sampling_params(a: argparse.Namespace) -> dict:
+    return {
         "max_new_tokens": a.max_new_tokens,
         "temperature": a.temperature,
         "top_p": a.top_p,
@@ -47,6 +93,78 @@ def _generate(a: argparse.Namespace) -> int:
         "stop": a.stop or [],
         "seed": a.seed,
     }
+
+
+# ---- checks before any loading -------------------------------------------------------------
+
+
+def _at_least(a: argparse.Namespace, attr: str, low: float, *, strict: bool = False) -> None:
+    value = getattr(a, attr, None)
+    if value is None:
+        return
+    if value < low or (strict and value == low):
+        flag = "--" + attr.replace("_", "-")
+        raise UsageError(f"{flag}={value}: must be {'>' if strict else '>='} {low}")
+
+
+def _check_device(device: str | None) -> None:
+    if device in (None, "auto", "cpu"):
+        return
+    import torch  # only for a device other than the CPU
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"--device={device}: not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device={device}: this machine has no CUDA device (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device={device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Everything that can be checked without loading the model; raises UsageError."""
+    from plait.runtime.loader import ModelLoadError, check_model
+
+    if hasattr(a, "model"):
+        try:
+            check_model(a.model)
+        except ModelLoadError as e:
+            raise UsageError(f"--model: {e}") from None
+        _at_least(a, "threads", 1)
+        _at_least(a, "max_total_tokens", 1)
+        _at_least(a, "kv_cache_memory_gb", 0, strict=True)
+        _check_device(a.device)
+    if a.command == "generate":
+        from plait.runtime.sampling_params import SamplingParams
+
+        try:
+            SamplingParams.from_dict(_sampling_params(a)).verify()
+        except ValueError as e:  # names the field: sampling_params.temperature=-1.0: ...
+            raise UsageError(_as_flag(str(e).removeprefix("sampling_params."))) from None
+    if a.command == "serve":
+        if not 0 <= a.port <= 65535:
+            raise UsageError(f"--port={a.port}: must be in 0..65535")
+        for attr in ("max_request_bytes", "chunked_prefill_size", "max_running_requests"):
+            _at_least(a, attr, 1)
+        _at_least(a, "context_length", 1)
+        _at_least(a, "max_top_logprobs_num", 0)
+        _at_least(a, "grammar_compile_timeout", 0, strict=True)
+
+
+def _as_flag(message: str) -> str:
+    """``max_new_tokens=-1: ...`` -> ``--max-new-tokens=-1: ...``."""
+    name, sep, rest = message.partition("=")
+    return f"--{name.replace('_', '-')}{sep}{rest}" if sep and name.isidentifier() else message
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from plait.runtime.engine import Engine
+
+    params = _sampling_params(a)
     with Engine(model=a.model, **_engine_kwargs(a)) as engine:
         prompt = a.prompt
         if a.chat:
@@ -133,36 +251,68 @@ def _bench(a: argparse.Namespace) -> int:
     return bench_prefix.main(a)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plait", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-level", default="warning")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---- the parser -----------------------------------------------------------------------------
 
-    g = sub.add_parser("generate", help="generate text for one prompt")
-    g.add_argument("prompt")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plait", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=_HelpFormatter
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="what plait logs to stderr; debug also shows tracebacks (also accepted after "
+        "the command; default: info)",
+    )
+    # --log-level after the command too; SUPPRESS keeps the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="as before the command",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=help, parents=[common], formatter_class=_HelpFormatter
+        )
+
+    g = command("generate", "generate text for one prompt")
+    g.add_argument("prompt", help="the prompt (raw text; --chat wraps it in the chat template)")
     _engine_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    g.add_argument("--stream", action="store_true")
-    g.add_argument("--json", action="store_true", help="print the whole result dict")
+    s = g.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    s.add_argument("--top-k", type=int, default=-1, help="-1 keeps every token")
+    s.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed")
+    o = g.add_argument_group("output")
+    o.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    o.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    o.add_argument("--json", action="store_true", help="print the whole result dict")
     g.set_defaults(func=_generate)
 
-    v = sub.add_parser("serve", help="serve the native and OpenAI-compatible HTTP API")
+    v = command("serve", "serve SGLang's native HTTP API and OpenAI's")
     _engine_args(v)
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=30000)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    v.add_argument("--port", type=int, default=30000, help="port to listen on")
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    v.add_argument("--served-model-name", default=None, help="the model name clients send")
+    v.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send (default: the --model alias, or its file name)",
+    )
     v.add_argument(
         "--max-request-bytes",
         type=int,
         default=4 * 2**20,
-        help="request bodies past this get 413, before any tokenizing (default 4 MiB)",
+        help="request bodies past this get 413, before any tokenizing (default: 4 MiB)",
     )
     v.add_argument(
         "--allow-origins",
@@ -194,17 +344,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds a grammar may take to compile before the request gets a 400",
     )
-    v.add_argument("--schedule-policy", choices=["lpm", "fcfs"], default="lpm")
-    v.add_argument("--chunked-prefill-size", type=int, default=2048)
-    v.add_argument("--max-running-requests", type=int, default=64)
-    v.add_argument("--context-length", type=int, default=None)
-    v.add_argument("--grammar-backend", choices=["llguidance", "outlines"], default="llguidance")
-    v.add_argument("--disable-radix-cache", action="store_true")
-    v.add_argument("--disable-jump-forward", action="store_true")
-    v.add_argument("--log-level", default=argparse.SUPPRESS, help="also settable before serve")
+    v.add_argument(
+        "--schedule-policy",
+        choices=["lpm", "fcfs"],
+        default="lpm",
+        help="lpm: longest cached prefix first; fcfs: arrival order",
+    )
+    v.add_argument(
+        "--chunked-prefill-size", type=int, default=2048, help="prompt tokens per forward pass"
+    )
+    v.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together")
+    v.add_argument("--context-length", type=int, default=None, help="(default: the model's own)")
+    v.add_argument(
+        "--grammar-backend",
+        choices=["llguidance", "outlines"],
+        default="llguidance",
+        help="the first grammar backend tried (the other is the fallback)",
+    )
+    v.add_argument("--disable-radix-cache", action="store_true", help="cache no prefixes")
+    v.add_argument(
+        "--disable-jump-forward", action="store_true", help="decode forced grammar text too"
+    )
     v.set_defaults(func=_serve)
 
-    b = sub.add_parser("bench", help="benchmarks against HF transformers")
+    b = command("bench", "benchmarks against HF transformers and peers")
     b.add_argument(
         "workload",
         choices=[
@@ -239,10 +402,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---- logging and errors ---------------------------------------------------------------------
+
+
+def setup_logging(level: str) -> None:
+    """plait's loggers at ``level`` on stderr; other libraries' at WARNING (all at DEBUG)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    logging.getLogger("plait").setLevel(level.upper())
+
+
+def _fail(message: str, status: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    hint = "" if debug or status == 2 else " (--log-level debug shows the traceback)"
+    print(f"plait: error: {message}{hint}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    setup_logging(args.log_level)
+    debug = args.log_level == "debug"
+    try:
+        check_args(args)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("plait: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as e:
+        return _fail(str(e), 2, debug)
+    except ValueError as e:  # bad input met while running: a model that cannot load, ...
+        return _fail(str(e), 2, debug)
+    except Exception as e:
+        return _fail(f"{type(e).__name__}: {e}", 1, debug)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     random_seed: int | None = None
     cache_dir: str | None = None
-    log_level: str = "warning"
+    # The level of the "plait" loggers; None leaves logging as the application set it.
+    log_level: str | None = None
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:

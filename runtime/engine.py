@@ -13,6 +13,7 @@ thread, so bad input raises there and never reaches the loop.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import logging
@@ -20,7 +21,9 @@ import pathlib
 import queue
 import random
 import threading
+import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields
 from typing import Any
@@ -49,6 +52,16 @@ from plait.runtime.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 _ENGINE_OPTIONS = {f.name for f in fields(EngineConfig)}
+_live_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_engines() -> None:
+    """Stop every engine's loop thread before the interpreter finalizes. A daemon thread
+    still inside a torch op while the process exits makes the C++ runtime abort
+    ("terminate called without an active exception"), e.g. after Ctrl-C."""
+    for engine in list(_live_engines):
+        engine.shutdown()
 
 
 class EngineShutdownError(RuntimeError):
@@ -114,8 +127,10 @@ class Engine:
             raise TypeError(
                 f"Engine got unknown options {unknown}; known: {sorted(_ENGINE_OPTIONS)}"
             )
+        started = time.perf_counter()
         self.config = cfg = EngineConfig(model=model, **options)
-        logging.getLogger("plait").setLevel(cfg.log_level.upper())
+        if cfg.log_level is not None:
+            logging.getLogger("plait").setLevel(cfg.log_level.upper())
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.device = resolve_device(cfg.device)
@@ -166,6 +181,19 @@ class Engine:
         self._profiler: Any = None  # a torch profiler recording the loop thread
         self._thread = threading.Thread(target=self._loop, name="plait-engine", daemon=True)
         self._thread.start()
+        _live_engines.add(self)
+        logger.info(
+            "engine ready in %.1f s: %s (%s) on %s in %s; KV cache %d tokens (%.2f GiB), "
+            "context %d",
+            time.perf_counter() - started,
+            model,
+            mc.architecture,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.max_total_tokens,
+            self.max_total_tokens * per_token / 2**30,
+            self.context_len,
+        )
 
     def _eos_ids(self, mc: ModelConfig) -> tuple[int, ...]:
         ids = set(mc.eos_token_ids)

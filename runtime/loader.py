@@ -6,12 +6,20 @@ safetensors / ``pytorch_model*.bin`` weights), or a path to a ``.gguf`` file.
 
 A GGUF file is dequantized by transformers once and cached as a safetensors model
 directory under ``<cache_dir>/models/<stem>-<hash>/``; later calls reuse that copy.
-Everything here is offline: only local paths reach ``from_pretrained``.
+A conversion writes into a temp directory named after its process and holds a lock
+file inside it; a conversion killed midway (``kill -9``) leaves that directory
+behind, and the next resolve removes it once its lock is free (never one that a
+live process is still writing). Everything here is offline: only local paths
+reach ``from_pretrained``, and transformers' own progress bars and info logs are
+quiet during plait's loads. torch and transformers are imported on first use, so
+``check_model`` (the CLI's argument check) stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -19,13 +27,17 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
+if TYPE_CHECKING:
+    import torch
+    import transformers
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +58,11 @@ _ACCEPTED_FORMS = (
     "or a path to a .gguf file"
 )
 _CONVERSION_FORMAT = "plait-gguf-v1"  # bump when the converted layout changes
-_STALE_TMP_SECONDS = 3600  # an unfinished conversion older than this was killed
+# A temp dir without a readable owner (no lock file, no pid in its name: an older plait,
+# or a process killed before it took the lock) is stale once this old.
+_STALE_TMP_SECONDS = 3600
+_OWNER_LOCK = ".plait-converting.lock"  # inside a temp dir; flocked while it is written
+_TMP_PID = re.compile(r"\.tmp-(\d+)-")
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
@@ -123,16 +139,11 @@ def _check_model_dir(path: pathlib.Path, spec: str) -> None:
     check_architecture(architectures[0], config.get("model_type"), f"model {spec!r}")
 
 
-def resolve_model(
-    model: str = DEFAULT_MODEL,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> ModelSource:
-    """Turn an alias, HF model directory or .gguf path into a loadable ModelSource."""
-    spec = os.fspath(model)
+def _locate(spec: str) -> tuple[str, pathlib.Path]:
+    """``("gguf", file)`` or ``("dir", HF model directory)`` for a ``model=`` value,
+    checked without loading anything; raises ModelLoadError naming the value."""
     if spec in MODEL_ALIASES:
-        return _from_gguf(spec, find_default_gguf(), cache_dir, progress)
+        return "gguf", find_default_gguf()
     path = pathlib.Path(spec).expanduser()
     if not path.exists():
         if os.sep in spec or spec.startswith((".", "~")) or spec.endswith(".gguf"):
@@ -148,11 +159,32 @@ def resolve_model(
             raise ModelLoadError(
                 f"model file {spec!r} is not a .gguf file; accepted forms: {_ACCEPTED_FORMS}"
             )
-        return _from_gguf(spec, path, cache_dir, progress)
+        return "gguf", path
     ggufs = sorted(path.glob("*.gguf"))
     if not (path / "config.json").exists() and len(ggufs) == 1:
-        return _from_gguf(spec, ggufs[0], cache_dir, progress)
+        return "gguf", ggufs[0]
     _check_model_dir(path, spec)
+    return "dir", path
+
+
+def check_model(model: str) -> None:
+    """Raise ModelLoadError unless ``model`` names something loadable (an alias whose
+    package is installed, a model directory with a supported config, a .gguf file).
+    Fast: nothing is converted or loaded, torch is not imported."""
+    _locate(os.fspath(model))
+
+
+def resolve_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ModelSource:
+    """Turn an alias, HF model directory or .gguf path into a loadable ModelSource."""
+    spec = os.fspath(model)
+    kind, path = _locate(spec)
+    if kind == "gguf":
+        return _from_gguf(spec, path, cache_dir, progress)
     resolved = str(path.resolve())
     return ModelSource(spec=spec, model_path=resolved, tokenizer_path=resolved)
 
@@ -164,7 +196,8 @@ def converted_dir(
     gguf = pathlib.Path(gguf).resolve()
     stat = gguf.stat()
     # The saved config/tokenizer format follows the transformers major version that wrote it.
-    fmt = f"{_CONVERSION_FORMAT}-transformers{transformers.__version__.split('.')[0]}"
+    major = importlib.metadata.version("transformers").split(".")[0]
+    fmt = f"{_CONVERSION_FORMAT}-transformers{major}"
     ident = f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}\0{fmt}"
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -176,6 +209,7 @@ def _from_gguf(
 ) -> ModelSource:
     gguf = gguf.resolve()
     target = converted_dir(gguf, cache_dir)
+    remove_stale_conversions(target.parent)
     if (target / "config.json").is_file():
         logger.info("conversion cache hit: %s -> %s", gguf, target)
     else:
@@ -185,21 +219,95 @@ def _from_gguf(
     )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _conversion_is_stale(tmp: pathlib.Path) -> bool:
+    """Whether no live process is writing the temp dir ``tmp`` (see remove_stale_conversions)."""
+    lock_path = tmp / _OWNER_LOCK
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        # No lock yet (its owner may be just starting) or an older plait's dir: stale when
+        # its owner process is gone, or when it is old.
+        match = _TMP_PID.search(tmp.name)
+        if match is not None and not _pid_alive(int(match.group(1))):
+            return True
+        try:
+            return time.time() - tmp.stat().st_mtime > _STALE_TMP_SECONDS
+        except FileNotFoundError:
+            return False  # renamed into place meanwhile
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while the owner holds LOCK_EX
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also drops the shared lock taken to look
+    return True
+
+
+def remove_stale_conversions(models_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """Delete what killed conversions left in ``models_dir`` (``.<name>.tmp-<pid>-*``
+    directories). A conversion holds an exclusive flock on a file inside its temp dir
+    until the dir is renamed into place; the kernel drops it when the process dies,
+    even by ``kill -9``. So a temp dir whose lock can be taken is abandoned; one whose
+    lock is held is in progress and kept. Returns the directories removed."""
+    removed = []
+    for tmp in sorted(pathlib.Path(models_dir).glob(".*.tmp-*")):
+        if tmp.is_dir() and _conversion_is_stale(tmp):
+            logger.info("removing %s, left by a conversion that did not finish", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars and info/warning logs off for the duration (plait
+    reports its own progress); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _convert_gguf(gguf: pathlib.Path, target: pathlib.Path, progress: bool) -> None:
     """Dequantize ``gguf`` into a safetensors HF directory at ``target``, atomically."""
+    import torch
+    import transformers
     from tqdm.auto import tqdm
 
     logger.info("converting %s to a safetensors model in %s (done once)", gguf, target)
     started = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion
-        if time.time() - stale.stat().st_mtime > _STALE_TMP_SECONDS:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = pathlib.Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
+    )
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache copy should look like any dir
+    owner = open(tmp / _OWNER_LOCK, "w")  # noqa: SIM115 -- held until the rename below
+    fcntl.flock(owner, fcntl.LOCK_EX)
     stages = ["dequantize GGUF", "save safetensors", "save tokenizer", "finish"]
     try:
-        with tqdm(total=len(stages), desc="plait: convert GGUF", disable=not progress) as bar:
+        with (
+            quiet_transformers(),
+            tqdm(total=len(stages), desc="plait: convert GGUF", disable=not progress) as bar,
+        ):
             bar.set_postfix_str(stages[0])
             gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
@@ -241,28 +349,64 @@ def _convert_gguf(gguf: pathlib.Path, target: pathlib.Path, progress: bool) -> N
                 if not (target / "config.json").is_file():
                     raise
                 logger.info("another process converted %s first; using its copy", gguf)
+            else:
+                (target / _OWNER_LOCK).unlink(missing_ok=True)
             bar.update()
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        owner.close()  # releases the lock, after the dir is renamed or removed
     logger.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
 
 
+@contextlib.contextmanager
+def _naming(source: ModelSource, what: str) -> Iterator[None]:
+    """A file transformers cannot read (truncated, corrupt) becomes a ModelLoadError that
+    names the model."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot load the {what} of model {source.spec!r} from {source.model_path}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
 def load_config(source: ModelSource) -> transformers.PretrainedConfig:
-    config = transformers.AutoConfig.from_pretrained(source.model_path, local_files_only=True)
+    import transformers
+
+    with quiet_transformers():
+        config = transformers.AutoConfig.from_pretrained(source.model_path, local_files_only=True)
     architectures = getattr(config, "architectures", None) or [None]
     check_architecture(architectures[0], config.model_type, f"model {source.spec!r}")
     return config
 
 
 def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
-    return transformers.AutoTokenizer.from_pretrained(source.tokenizer_path)
+    import transformers
+
+    with quiet_transformers(), _naming(source, "tokenizer"):
+        return transformers.AutoTokenizer.from_pretrained(source.tokenizer_path)
 
 
 def load_state_dict(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The weights as transformers reads them (tied ``lm_head.weight`` may be absent or shared)."""
+    import transformers
+
     load_config(source)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        source.model_path, dtype=dtype, local_files_only=True
+    started = time.perf_counter()
+    with quiet_transformers(), _naming(source, "weights"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source.model_path, dtype=dtype, local_files_only=True
+        )
+    weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    logger.info(
+        "loaded %d weights (%.1fM parameters) of %s in %.1f s",
+        len(weights),
+        sum({t.data_ptr(): t.numel() for t in weights.values()}.values()) / 1e6,  # tied once
+        source.spec,
+        time.perf_counter() - started,
     )
-    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    return weights

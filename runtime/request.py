@@ -64,6 +64,8 @@ class Req:
         self.matcher: Matcher | None = None
         self.jump_forward = jump_forward and not return_logprob
         self.forced_tokens = 0  # output tokens appended by jump-forward, without a decode step
+        self.closed_tokens = 0  # output tokens appended by budget-aware closing
+        self.closing: Any = None  # budget-aware closing state (constrained/closing.py)
 
         self.output_ids: list[int] = []
         self.row: int | None = None  # row of the request-to-token table while running
@@ -144,6 +146,7 @@ class Req:
                 meta["grammar_fallback"] = self.grammar.fallback_reason
             # Each forced token is a decode step (one forward pass) not run.
             meta["forced_tokens"] = meta["forward_passes_saved"] = self.forced_tokens
+            meta["closed_tokens"] = self.closed_tokens
         if self.return_logprob:
             meta.update(self._logprobs_piece())
         return {"text": text, "output_ids": ids, "meta_info": meta}

@@ -76,6 +76,9 @@ class SamplingParams:
     json_schema: str | None = None
     ebnf: str | None = None
     choices: list[str] | None = None
+    # Near the end of the budget, steer a constrained output onto the shortest way to
+    # finish its grammar, so it still parses (constrained/closing.py).
+    budget_closing: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | SamplingParams | None) -> SamplingParams:
@@ -181,6 +184,7 @@ class SamplingParams:
             "skip_special_tokens",
             "no_stop_trim",
             "spaces_between_special_tokens",
+            "budget_closing",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, getattr(self, name), "must be a boolean")

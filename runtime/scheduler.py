@@ -41,6 +41,7 @@ import torch
 from plait.radix import NullCache, RadixCache
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.constrained.bitmask import allocate_bitmask
+from plait.runtime.constrained.closing import BudgetCloser
 from plait.runtime.model_runner import ModelRunner
 from plait.runtime.request import Req
 from plait.runtime.sampler import Sampler, SamplingRow
@@ -92,6 +93,7 @@ class Scheduler:
         self.num_forward_passes = 0
         self.vocab_size = vocab_size or runner.cfg.vocab_size  # logits width
         self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="plait-masks")
+        self._closer = BudgetCloser(tokenizer, self.vocab_size, eos_token_ids)
 
     # ---- queue ---------------------------------------------------------------
 
@@ -472,12 +474,43 @@ class Scheduler:
             else:
                 tokens += forced
                 req.forced_tokens += len(forced)
+        # Budget-aware closing: near the end of the budget, finish the grammar instead.
+        closing = self._closer.check(req, tokens, self._budget_left(req))
+        if closing is not None:
+            req.forced_tokens -= min(len(tokens) - closing.keep, len(tokens) - 1)
+            tokens = tokens[: closing.keep]
         for k, t in enumerate(tokens):
             self._append_token(req, t, logprob_row if k == 0 else None)
             if req.finished:
                 return
-        if m.is_finished():
+        if closing is not None:
+            self._append_closing(req, closing.tokens)
+        elif m.is_finished():
             self._finish_grammar(req)
+
+    def _budget_left(self, req: Req) -> int:
+        """Output tokens the request may still append (max_new_tokens, context)."""
+        return min(
+            req.params.max_new_tokens - len(req.output_ids),
+            self.req_to_token.context_len - req.fill_len,
+        )
+
+    def _append_closing(self, req: Req, tokens: list[int]) -> None:
+        """Append a budget closing (the matcher accepted it already) and end the request:
+        ``finish_reason`` ``{"type": "length", ..., "closed": True}``."""
+        for t in tokens:
+            self._append_token(req, t, None)
+            req.closed_tokens += 1
+            if req.return_logprob:  # forced: no logprob
+                req.output_logprobs.append(req.triple(None, t, self._token_text))
+                req.output_top_logprobs.append(None)
+            if req.finished:
+                break
+        if not req.finished:
+            req.detok.finish()
+            self._finish(req, {"type": "length", "length": len(req.output_ids)})
+        if req.finish_reason["type"] == "length":
+            req.finish_reason["closed"] = True
 
     def _forced_tokens(self, req: Req, last: int | None) -> list:
         """Tokens the grammar forces next, already accepted by the matcher.

@@ -6,6 +6,10 @@ here rather than silently falling back to the slower torch ops.
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+
 import pytest
 import torch
 
@@ -161,3 +165,30 @@ def test_bench_kernels_prints_every_op(ops, monkeypatch, capsys):
     assert bench_kernels.main(argparse.Namespace(threads=torch.get_num_threads())) == 0
     out = capsys.readouterr().out
     assert out.count("decode attention") == 4 and out.count("rms_norm") == 2
+
+
+def test_a_build_says_what_it_does_and_how_long_it_took(ops, monkeypatch, tmp_path, caplog):
+    """A build is a silent half minute of C++ compiling: a load that takes longer than a
+    library load is announced (INFO) while it runs, and its time logged at the end; a
+    quick load (the library is built already) logs neither."""
+    from torch.utils import cpp_extension
+
+    def slow_load(**kwargs):  # the library itself is loaded already (the ops fixture)
+        time.sleep(0.3)
+
+    monkeypatch.setenv("PLAIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu, "_BUILD_NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(cpp_extension, "load", slow_load)
+    with caplog.at_level(logging.INFO, logger="plait.kernels.cpu"):
+        cpu._build()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("building plait's CPU kernels (")
+    assert str(tmp_path / "kernels") in messages[0]
+    assert re.fullmatch(r"built plait's CPU kernels in 0\.\d s", messages[1])
+
+    caplog.clear()
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: None)
+    with caplog.at_level(logging.INFO, logger="plait.kernels.cpu"):
+        cpu._build()
+    assert caplog.records == []

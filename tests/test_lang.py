@@ -8,6 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from pydantic import BaseModel
@@ -18,6 +22,7 @@ from plait.choices import (
     token_length_normalized,
     unconditional_likelihood_normalized,
 )
+from plait.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
 from plait.runtime.errors import RequestError
 
 GREEDY = {"temperature": 0.0}
@@ -131,11 +136,13 @@ def test_regex_dtype_and_pydantic_schema(backend):
 
     state = typed.run(backend=backend, **GREEDY)
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", state["phone"])
-    assert isinstance(state.parsed("count"), int)
-    assert str(state.parsed("count")) == state["count"].strip()
-    assert isinstance(state.parsed("flag"), bool)
+    assert re.fullmatch(REGEX_INT, state["count"])
+    assert state.parsed("count") == int(state["count"])
+    assert state["flag"] in ("True", "False")
+    assert state.parsed("flag") is (state["flag"] == "True")
     if state.get_meta_info("name")["finish_reason"]["type"] == "stop":
-        assert isinstance(state.parsed("name"), str)
+        assert re.fullmatch(REGEX_STR, state["name"])
+        assert state.parsed("name") == state["name"][1:-1]
     pet_meta = state.get_meta_info("pet")
     if pet_meta["finish_reason"]["type"] == "stop":
         pet = state.parsed("pet")
@@ -449,3 +456,232 @@ def test_set_default_backend_accepts_an_engine(engine):
         assert state["answer"] == qa.run(question="Default?", backend=engine, **GREEDY)["answer"]
     finally:
         pl.set_default_backend(None)
+
+
+# ---- SGLang parity -----------------------------------------------------------------------
+
+
+def test_sglang_typed_regexes_are_exported_and_used_by_the_typed_gens():
+    # The strings of sglang.lang.ir, importable from the same module path.
+    assert REGEX_INT == r"[-+]?[0-9]+[ \n]*"
+    assert REGEX_FLOAT == r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
+    assert REGEX_BOOL == r"(True|False)"
+    assert REGEX_STR == r"\"[\w\d\s]*\""
+    assert (pl.REGEX_INT, pl.REGEX_FLOAT, pl.REGEX_BOOL, pl.REGEX_STR) == (
+        REGEX_INT,
+        REGEX_FLOAT,
+        REGEX_BOOL,
+        REGEX_STR,
+    )
+    for number, regex in ((pl.gen_int("n"), REGEX_INT), (pl.gen_float("x"), REGEX_FLOAT)):
+        assert number.params["regex"].startswith(regex)
+        assert number.params["stop"] == [" ", "\n"]  # SGLang's stops after a number
+    assert pl.gen_string("t").params["regex"] == REGEX_STR
+    assert pl.gen("b", dtype=bool).params["regex"] == REGEX_BOOL
+    assert pl.gen("b", dtype="str").params["regex"] == REGEX_STR
+
+
+def test_import_plait_does_not_import_torch():
+    code = "import sys, plait; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+class RecordingBackend(pl.Backend):
+    """Answers every gen with "ok" and records what it was asked."""
+
+    def __init__(self):
+        self.requests: list[tuple] = []
+
+    def generate(self, text, sampling_params, **options):
+        self.requests.append((text, dict(sampling_params)))
+        meta = {"finish_reason": {"type": "stop"}, "prompt_tokens": 1, "completion_tokens": 1}
+        return {"text": "ok", "output_ids": [1], "meta_info": meta}
+
+    def generate_stream(self, text, sampling_params, **options):
+        yield self.generate(text, sampling_params, **options)
+
+
+@pl.function
+def greet(s, name):
+    s += "A long constant preamble that every run of this program starts with. " * 2
+    s += "Hello " + name + ": " + pl.gen("reply", max_tokens=4)
+
+
+def test_global_config_has_sglangs_fields_and_refuses_others():
+    from plait.lang.global_config import global_config
+
+    config = pl.global_config
+    assert config is global_config
+    assert (config.verbosity, config.default_backend) == (0, None)
+    assert config.skip_special_tokens_in_output and config.spaces_between_special_tokens_in_out
+    assert config.enable_precache_with_tracing and config.enable_parallel_encoding
+    with pytest.raises(AttributeError):
+        config.verbositty = 2
+
+
+def test_global_config_default_backend_is_the_default_backend():
+    backend = RecordingBackend()
+    pl.global_config.default_backend = backend
+    try:
+        assert pl.get_default_backend() is backend
+        assert greet.run(name="Ann")["reply"] == "ok"
+        assert backend.requests
+    finally:
+        pl.global_config.default_backend = None
+    assert pl.global_config.default_backend is None
+
+
+def test_global_config_detokenizing_settings_reach_every_gen(monkeypatch):
+    backend = RecordingBackend()
+    greet.run(name="Ann", backend=backend)
+    assert "skip_special_tokens" not in backend.requests[-1][1]  # the runtime's default
+    monkeypatch.setattr(pl.global_config, "skip_special_tokens_in_output", False)
+    monkeypatch.setattr(pl.global_config, "spaces_between_special_tokens_in_out", False)
+    greet.run(name="Ann", backend=backend)
+    params = backend.requests[-1][1]
+    assert params["skip_special_tokens"] is False
+    assert params["spaces_between_special_tokens"] is False
+    assert params["max_new_tokens"] == 4
+
+
+def test_global_config_precache_with_tracing_switches_the_batch_prefix_request(monkeypatch):
+    backend = RecordingBackend()
+    greet.run_batch([{"name": "Ann"}, {"name": "Bob"}], backend=backend)
+    prefills = [r for r in backend.requests if r[1] == {"max_new_tokens": 0}]
+    assert [text for text, _ in prefills] == [greet.trace(backend=backend)]
+    monkeypatch.setattr(pl.global_config, "enable_precache_with_tracing", False)
+    backend.requests.clear()
+    greet.run_batch([{"name": "Ann"}, {"name": "Bob"}], backend=backend)
+    assert not [r for r in backend.requests if r[1] == {"max_new_tokens": 0}]
+    assert len(backend.requests) == 2
+
+
+def test_global_config_verbosity_2_prints_each_final_text(monkeypatch, capsys):
+    monkeypatch.setattr(pl.global_config, "verbosity", 2)
+    state = greet.run(name="Ann", backend=RecordingBackend())
+    assert capsys.readouterr().out == state.text() + "\n"
+
+
+def test_function_takes_num_api_spec_tokens(backend):
+    @pl.function(num_api_spec_tokens=64)
+    def answer(s, question):
+        qa(s, question)
+
+    assert answer.num_api_spec_tokens == 64
+    assert answer.bind(question="Hi?").num_api_spec_tokens == 64
+    expected = qa.run(question="Hi?", backend=backend, **GREEDY)["answer"]
+    # The same requests: plait's backends continue any text, so nothing is speculated.
+    assert answer.run(question="Hi?", backend=backend, **GREEDY)["answer"] == expected
+    assert pl.function()(qa.func).num_api_spec_tokens is None
+    with pytest.raises(ValueError, match="num_api_spec_tokens"):
+        pl.function(num_api_spec_tokens=0)(qa.func)
+
+
+def test_appending_to_one_fork_with_index(engine, backend):
+    @pl.function
+    def two(s):
+        s += "Items:"
+        forks = s.fork(2)
+        forks[0] += " apples" + pl.gen("x", max_tokens=3, ignore_eos=True)
+        forks[1] += " pears" + pl.gen("x", max_tokens=3, ignore_eos=True)
+        forks.join()
+
+    state = two.run(backend=backend, **GREEDY)
+    assert state["x"] == [
+        greedy(engine, "Items: apples", 3, ignore_eos=True)["text"],
+        greedy(engine, "Items: pears", 3, ignore_eos=True)["text"],
+    ]
+
+
+def test_a_fork_cannot_be_replaced(backend):
+    @pl.function
+    def swap(s):
+        forks = s.fork(2)
+        forks[0] = forks[1]
+
+    with pytest.raises(TypeError, match="cannot be replaced"):
+        swap.run(backend=backend)
+
+
+def test_every_backend_has_get_model_name(backend):
+    assert backend.get_model_name() == backend.model_name
+    assert RecordingBackend().get_model_name() == "model"
+
+
+def test_async_iteration_with_meta_data_gives_each_pieces_own_logprobs(backend):
+    @pl.function
+    def scored(s):
+        s += pl.user("Count to five.")
+        s += pl.assistant(pl.gen("answer", max_tokens=10, return_logprob=True, ignore_eos=True))
+
+    async def collect():
+        state = scored.run(backend=backend, stream=True, **GREEDY)
+        items = [item async for item in state.text_async_iter("answer", return_meta_data=True)]
+        return state, items
+
+    state, items = asyncio.run(collect())
+    assert len(items) > 1 and all(isinstance(i, tuple) and len(i) == 2 for i in items)
+    assert "".join(text for text, _ in items) == state["answer"]
+    assert items[-1][1]["finish_reason"]["type"] == "length"
+    # Each piece carries the logprobs of its own tokens; together they are the whole
+    # request's, as one non-streaming run gives them.
+    streamed = [lp for _, meta in items for lp in meta["output_token_logprobs"]]
+    assert state.get_meta_info("answer")["output_token_logprobs"] == streamed
+    whole = scored.run(backend=backend, **GREEDY).get_meta_info("answer")
+    assert [t for _, t, _ in streamed] == [t for _, t, _ in whole["output_token_logprobs"]]
+    assert [lp for lp, _, _ in streamed] == pytest.approx(
+        [lp for lp, _, _ in whole["output_token_logprobs"]], abs=1e-4
+    )
+
+
+_STREAMING_CHILD = """
+    import atexit, sys, threading
+
+    def report():  # registered first, so it runs after plait's own exit handlers
+        alive = [t.name for t in threading.enumerate() if t.name == "plait-engine"]
+        print("engine threads at exit:", alive, file=sys.stderr, flush=True)
+
+    atexit.register(report)
+
+    import plait as pl
+
+    @pl.function
+    def talk(s):
+        s += pl.user("Tell me a long story.")
+        s += pl.assistant(pl.gen("story", max_tokens=400, ignore_eos=True))
+
+    engine = pl.Engine(model=sys.argv[1], max_total_tokens=2048)
+    while True:
+        state = talk.run(backend=engine, stream=True, temperature=0)
+        for i, piece in enumerate(state.text_iter()):
+            if i == 20:
+                print("streaming", flush=True)
+"""
+
+
+def test_ctrl_c_while_streaming_raises_keyboard_interrupt_and_stops_the_engine(
+    tiny_model_dir, tmp_path
+):
+    """Ctrl-C in ``for piece in state.text_iter()`` used to end Python with "terminate
+    called without an active exception" (SIGABRT): the engine's loop thread was still
+    inside a torch op while the interpreter exited."""
+    script = tmp_path / "stream.py"
+    script.write_text(textwrap.dedent(_STREAMING_CHILD))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), tiny_model_dir("llama")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline() == "streaming\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "terminate called" not in err
+    assert proc.returncode == -signal.SIGINT, err  # Python's exit for an unhandled Ctrl-C
+    assert err.rstrip().splitlines()[-2] == "KeyboardInterrupt", err
+    assert "engine threads at exit: []" in err

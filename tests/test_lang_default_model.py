@@ -156,3 +156,25 @@ def test_min_tokens_is_honoured():
 
     state = long_answer.run(temperature=0)
     assert state.get_meta_info("answer")["completion_tokens"] >= 64
+
+
+def test_the_readmes_language_example_gives_what_the_readme_shows():
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        city: str
+        country: str
+
+    @pl.function
+    def agent(s, question):
+        s += pl.user(question)
+        s += pl.assistant(pl.gen("answer", max_tokens=64))
+        s += pl.user("Is that a city? Then give it as JSON.")
+        s += pl.assistant(pl.select("is_city", ["yes", "no"]))
+        if s["is_city"] == "yes":
+            s += pl.assistant(pl.gen("place", json_schema=Place))
+
+    state = agent.run(question="What is the capital of France?", temperature=0)
+    assert state["answer"] == "The capital of France is Paris."
+    assert state["is_city"] == "yes"
+    assert state.parsed("place") == Place(city="Paris", country="FRANCE")

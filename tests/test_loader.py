@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import time
 
@@ -343,3 +344,131 @@ def test_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         resolve_model(str(gguf), cache_dir=tmp_path / "cache", progress=False)
     assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+# --- conversions killed midway -------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _partial_conversion(models: pathlib.Path, name: str, pid: int, *, lock: bool) -> pathlib.Path:
+    """A temp dir as ``_convert_gguf`` leaves it when killed while writing weights."""
+    tmp = models / f".{name}.tmp-{pid}-x1y2z3"
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"\0" * 4096)
+    if lock:
+        (tmp / loader._OWNER_LOCK).touch()
+    return tmp
+
+
+@pytest.fixture
+def fake_converted(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(a .gguf file, the cache dir) with the file's conversion already in the cache."""
+    gguf = tmp_path / "Tiny.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    cache = tmp_path / "cache"
+    target = loader.converted_dir(gguf, cache)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    return gguf, cache
+
+
+def test_next_start_removes_conversions_killed_midway(fake_converted):
+    gguf, cache = fake_converted
+    models = cache / "models"
+    killed = _partial_conversion(models, "Tiny.Q4-abc", _dead_pid(), lock=True)
+    killed_before_locking = _partial_conversion(models, "Other-def", _dead_pid(), lock=False)
+    old = _partial_conversion(models, "Old-123", 0, lock=False)
+    old.rename(models / ".Old-123.tmp-q8w7e6")  # an older plait's name: no pid in it
+    old = models / ".Old-123.tmp-q8w7e6"
+    os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+
+    source = resolve_model(str(gguf), cache_dir=cache, progress=False)
+
+    assert source.model_path == str(loader.converted_dir(gguf, cache))
+    assert not killed.exists() and not killed_before_locking.exists() and not old.exists()
+    assert sorted(p.name for p in models.iterdir()) == [pathlib.Path(source.model_path).name]
+
+
+def test_a_conversion_in_progress_is_never_removed(fake_converted):
+    gguf, cache = fake_converted
+    models = cache / "models"
+    # Another live process converting: it holds the lock inside its temp dir.
+    busy = _partial_conversion(models, "Busy-abc", os.getpid(), lock=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            "f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True); time.sleep(60)",
+            str(busy / loader._OWNER_LOCK),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    # A live process that has just made its temp dir and not yet taken its lock.
+    starting = _partial_conversion(models, "Starting-def", holder.pid, lock=False)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        resolve_model(str(gguf), cache_dir=cache, progress=False)
+        assert busy.exists() and starting.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Their owner gone (killed: the kernel dropped its lock), the next start removes both.
+    assert loader.remove_stale_conversions(models) == sorted([busy, starting])
+
+
+def test_a_conversion_holds_its_lock_until_renamed(tmp_path, monkeypatch):
+    """While _convert_gguf writes, its temp dir is locked (a sweep keeps it); the
+    finished directory carries no lock file."""
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    cache = tmp_path / "cache"
+    seen = {}
+
+    def fake_from_pretrained(*args, **kwargs):
+        (tmp,) = (cache / "models").glob(".tiny-*.tmp-*")
+        seen["pid_in_name"] = f".tmp-{os.getpid()}-" in tmp.name
+        seen["swept"] = loader.remove_stale_conversions(cache / "models")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(RuntimeError, match="stop here"):
+        resolve_model(str(gguf), cache_dir=cache, progress=False)
+    assert seen == {"pid_in_name": True, "swept": []}
+    assert list((cache / "models").iterdir()) == []
+
+
+def test_check_model_is_fast_and_names_the_problem(tiny_model_dir, tmp_path):
+    loader.check_model(tiny_model_dir("llama"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        loader.check_model(str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="unknown model alias 'smollm3'"):
+        loader.check_model("smollm3")
+    # No torch import and no conversion: a bare interpreter checks a .gguf path at once.
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    code = (
+        "import sys; from plait.runtime.loader import check_model; check_model(sys.argv[1]); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code, str(gguf)], check=True, timeout=60)
+
+
+def test_loads_show_no_transformers_progress_bars(tiny_model_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_model(tiny_model_dir("llama"))
+    capfd.readouterr()
+    load_config(source)
+    load_tokenizer(source)
+    load_state_dict(source, torch.float32)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # restored for the application's own loads

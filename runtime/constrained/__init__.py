@@ -15,7 +15,10 @@ each request drives its own :class:`Matcher`::
 Modules: spec (GrammarSpec, errors), regexes (typed regexes), vocab
 (TokenizerInfo: bytes per token id), bitmask, base (interfaces),
 llguidance_backend, outlines_backend, jump_forward (interegular DFA), compiler,
-coverage (compile-rate benchmark over a folder of schemas).
+coverage (compile-rate benchmark over a folder of schemas), closing (budget-aware
+closing: finish the grammar before max_new_tokens cuts it) with closing_json
+(partial JSON + schema -> shortest completions) and closing_regex (shortest DFA
+completions).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def serve(
     engine = Engine(**engine_options)
     config = server or ServerConfig()
     app = create_app(engine, config)
-    logger.warning(
+    logger.info(
         "plait serving %s as %r on http://%s:%d (OpenAI routes under /v1)",
         engine.source.model_path,
         config.served_model_name,
