@@ -186,7 +186,9 @@ def _generate(a: argparse.Namespace) -> int:
 def _model_name(model: str) -> str:
     """The name a server shows for ``--model``: an alias as it is, a directory or file by
     its last component (never its path)."""
-    name = pathlib.Path(model.rstrip("/\\")).name or model
+    path = pathlib.Path(model.rstrip("/\\"))
+    name = path.name if path.name not in ("", ".", "..") else path.resolve().name
+    name = name or model
     return name.removesuffix(".gguf")
 
 

@@ -402,3 +402,15 @@ def test_concate_and_append_request_is_acknowledged(client):
     assert_error(
         client.post("/concate_and_append_request", json={"src_rids": "a"}), 400, "src_rids"
     )
+
+
+def test_plait_serve_names_a_model_dir_by_its_own_name(tmp_path, monkeypatch):
+    from plait.runtime.cli import _model_name
+
+    model = tmp_path / "MyModel-1B"
+    model.mkdir()
+    monkeypatch.chdir(model)
+    for given in (str(model), f"{model}/", ".", "./"):
+        assert _model_name(given) == "MyModel-1B"
+        ServerConfig(served_model_name=_model_name(given))  # a name, not a path
+    assert _model_name("smollm2") == "smollm2" and _model_name("/m/x.gguf") == "x"
