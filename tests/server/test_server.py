@@ -535,6 +535,35 @@ def test_chunked_body_over_the_size_limit_is_413(guarded):
 
 
 @pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/generate", {"text": "a" * 3000, "stream": True}),
+        ("/v1/completions", {"model": "smollm2", "prompt": "a" * 3000}),
+        ("/v1/completions", {"model": "smollm2", "prompt": "a" * 3000, "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"model": "smollm2", "messages": [{"role": "user", "content": "a" * 3000}]},
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "smollm2",
+                "stream": True,
+                "messages": [{"role": "user", "content": "a" * 3000}],
+            },
+        ),
+    ],
+)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_every_route_and_stream_refuses_a_body_over_the_limit(guarded, path, body, chunked):
+    data = json.dumps(body).encode()
+    content = iter([data[:1000], data[1000:]]) if chunked else data
+    r = guarded.post(path, content=content, headers={**KEY, **JSON})
+    assert ("content-length" in r.request.headers) is not chunked
+    assert assert_error(r, 413, None)["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize(
     "headers", [{}, {"authorization": "Bearer wrong"}, {"authorization": "sesame"}]
 )
 def test_missing_or_wrong_api_key_is_401(guarded, headers):
