@@ -352,7 +352,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     app.state.profile_trace = None  # the file name of the profile being recorded
 
-    @app.api_route("/start_profile", methods=["GET", "POST"])
+    @app.get("/start_profile")
+    @app.post("/start_profile")  # two routes, so the OpenAPI spec has one operation id each
     async def start_profile(
         body: Annotated[ProfileRequest | None, Body()] = None,
     ) -> Response:
@@ -376,7 +377,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             raise
         return PlainTextResponse("Start profiling.\n")
 
-    @app.api_route("/stop_profile", methods=["GET", "POST"])
+    @app.get("/stop_profile")
+    @app.post("/stop_profile")  # two routes, so the OpenAPI spec has one operation id each
     async def stop_profile() -> Response:
         trace, app.state.profile_trace = app.state.profile_trace, None
         if trace is None:

@@ -407,7 +407,7 @@ LONG_IDS = [5] * 600  # the tiny model's context is 512 tokens
         ({"text": "x " * 600}, "input_ids"),
         ({"input_ids": [3, 10**6]}, "input_ids"),
         ({"input_ids": []}, "input_ids"),
-        ({"text": []}, "prompt"),
+        ({"text": []}, "text"),
         ({}, "text"),
         ({"text": "a", "input_ids": [1]}, "text"),
         ({"text": ["a", "b"], "stream": True}, "stream"),
