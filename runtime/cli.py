@@ -186,7 +186,9 @@ def _generate(a: argparse.Namespace) -> int:
 def _model_name(model: str) -> str:
     """The name a server shows for ``--model``: an alias as it is, a directory or file by
     its last component (never its path)."""
-    name = pathlib.Path(model.rstrip("/\\")).name or model
+    path = pathlib.Path(model.rstrip("/\\"))
+    name = path.name if path.name not in ("", ".", "..") else path.resolve().name
+    name = name or model
     return name.removesuffix(".gguf")
 
 
@@ -198,6 +200,8 @@ def _serve(a: argparse.Namespace) -> int:
         api_key=a.api_key,
         max_request_bytes=a.max_request_bytes,
         allow_origins=tuple(a.allow_origins or ()),
+        incremental_streaming_output=a.incremental_streaming_output,
+        profile_dir=a.profile_dir,
     )
     serve(
         host=a.host,
@@ -317,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="origins browsers may call from (CORS); none by default",
+    )
+    v.add_argument(
+        "--incremental-streaming-output",
+        action="store_true",
+        help="/generate stream events carry only what is new (text, ids, output logprobs), "
+        "as SGLang's flag of the same name; a request's incremental_streaming_output wins",
+    )
+    v.add_argument(
+        "--profile-dir",
+        default=None,
+        help="enables /start_profile and /stop_profile, which write torch profiler traces "
+        "here (off by default)",
     )
     v.add_argument(
         "--max-top-logprobs-num",

@@ -178,6 +178,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
         self._loop_error: BaseException | None = None
+        self._profiler: Any = None  # a torch profiler recording the loop thread
         self._thread = threading.Thread(target=self._loop, name="plait-engine", daemon=True)
         self._thread.start()
         _live_engines.add(self)
@@ -378,6 +379,44 @@ class Engine:
             self.shutdown()
         except Exception:
             pass
+
+    # ---- profiling -------------------------------------------------------------
+
+    def start_profile(
+        self,
+        activities: tuple[str, ...] = ("CPU",),
+        record_shapes: bool = False,
+        with_stack: bool = False,
+        profile_memory: bool = False,
+    ) -> None:
+        """Start a torch profiler on the loop thread, where every forward pass runs; it
+        records until ``stop_profile``. ``activities``: "CPU" and/or "GPU"."""
+        self._call(self._start_profile, activities, record_shapes, with_stack, profile_memory)
+
+    def stop_profile(self, trace_path: str) -> None:
+        """Stop the profiler and write its Chrome trace (JSON) to ``trace_path``."""
+        self._call(self._stop_profile).export_chrome_trace(trace_path)
+
+    def _start_profile(self, activities, record_shapes, with_stack, profile_memory) -> None:
+        if self._profiler is not None:
+            raise RuntimeError("a profile is already being recorded")
+        kinds = {"CPU": torch.profiler.ProfilerActivity.CPU}
+        kinds["GPU"] = torch.profiler.ProfilerActivity.CUDA
+        profiler = torch.profiler.profile(
+            activities=[kinds[a] for a in activities],
+            record_shapes=record_shapes,
+            with_stack=with_stack,
+            profile_memory=profile_memory,
+        )
+        profiler.start()
+        self._profiler = profiler
+
+    def _stop_profile(self) -> Any:
+        profiler, self._profiler = self._profiler, None
+        if profiler is None:
+            raise RuntimeError("no profile is being recorded")
+        profiler.stop()
+        return profiler
 
     # ---- requests --------------------------------------------------------------
 

@@ -10,8 +10,9 @@ KV at once.
 
 Native routes: ``/generate``, ``/get_model_info`` (``/model_info``),
 ``/get_server_info`` (``/server_info``), ``/health``, ``/health_generate``,
-``/flush_cache``, ``/abort_request``, ``/metrics``. OpenAI routes live in
-openai_api.py.
+``/flush_cache``, ``/abort_request``, ``/metrics``, ``/start_profile`` and
+``/stop_profile`` (with ``--profile-dir``), ``/concate_and_append_request``. OpenAI
+routes live in openai_api.py.
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import pathlib
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse as _JSONResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,7 +46,9 @@ from plait.runtime.server.protocol import (
     MEDIA_FIELDS,
     UNSUPPORTED_FIELDS,
     AbortRequest,
+    ConcatAndAppendRequest,
     GenerateRequest,
+    ProfileRequest,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,6 +63,26 @@ class ServerConfig:
     allow_origins: tuple[str, ...] = ()
     # max_tokens of a chat completion that gives none (OpenAI: "until the context ends").
     chat_default_max_tokens: int = 1024
+    # /generate streams carry only what is new in each event (SGLang's
+    # --incremental-streaming-output); a request's incremental_streaming_output wins.
+    incremental_streaming_output: bool = False
+    # Where /start_profile's traces go; None: profiling is off (a client cannot choose
+    # where the server writes, nor leave a profiler growing on a server not meant for it).
+    profile_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        name = self.served_model_name
+        if (
+            not name
+            or name != name.strip()
+            or os.path.isabs(name)
+            or name.startswith(("~", "."))
+            or "\\" in name
+        ):
+            raise ValueError(
+                f"served model name {name!r} must be a name (like 'smollm2' or "
+                "'org/model'), not a path: clients see it"
+            )
 
 
 class APIError(Exception):
@@ -84,6 +110,17 @@ class ClientDisconnected(Exception):
     pass
 
 
+class JSONResponse(_JSONResponse):
+    """A JSON response that can always be sent: text that UTF-8 cannot encode (a lone
+    surrogate echoed from a request) is written as a JSON escape instead of failing."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_body(message: str, type: str, param: str | None = None, code: Any = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -100,6 +137,80 @@ def error_response(
 
 def request_error(e: RequestError) -> APIError:
     return APIError(400, str(e), param=e.field)
+
+
+def _native_error(e: RequestError) -> APIError:
+    """The engine's error in /generate's own names: its prompt field is ``text``."""
+    field = e.field
+    if field == "prompt" or field.startswith("prompt."):
+        field = "text" + field[len("prompt") :]
+    message = str(e)
+    if message.startswith(e.field):
+        message = field + message[len(e.field) :]
+    return APIError(400, message, param=field)
+
+
+# A JSON escape of a UTF-16 surrogate (U+D800..U+DFFF): the cheap test before a walk.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+async def refuse_lone_surrogates(request: Request) -> None:
+    """A 400 naming the field for any string of the request (a value or a key, in the
+    body or the path) holding a lone surrogate, JSON's ``"\\ud800"``: it is not
+    Unicode, so it can be neither tokenized nor sent back (echoed in a result or an
+    error, it would break the response, and the connection with it)."""
+    for name, value in request.path_params.items():
+        where = _lone_surrogate(value)
+        if where is not None:
+            raise _surrogate_error((name, *where[0]), value, where[1])
+    if request.method not in ("POST", "PUT"):
+        return
+    body = await request.body()  # read once: the route gets the same bytes
+    if not _SURROGATE_ESCAPE.search(body):
+        return
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return  # the route's own parsing reports it
+    where = _lone_surrogate(data)
+    if where is not None:
+        path, (text, index) = where
+        raise _surrogate_error(path, text, index)
+
+
+def _lone_surrogate(data: Any) -> tuple[tuple, tuple[str, int]] | None:
+    """(path, (text, index)) of the first string (key or value) in ``data`` UTF-8
+    cannot encode; iterative, as a body may nest deeply."""
+    stack: list[tuple[tuple, Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return path, (value, e.start)
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                stack.append(((*path, key), item))
+                stack.append(((*path, key), key))  # the key itself, checked first
+        elif isinstance(value, list):
+            stack.extend(((*path, i), item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _surrogate_error(path: tuple, text: str, index: int) -> APIError:
+    param = ".".join(_printable(str(p)) for p in path) or None
+    return APIError(
+        400,
+        f"{param or 'the request body'}: contains a lone surrogate {text[index]!a} at "
+        f"character {index}, which is not valid Unicode",
+        param=param,
+        code="invalid_unicode",
+    )
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def sse(data: Any) -> str:
@@ -120,7 +231,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         yield
         engine.shutdown()
 
-    app = FastAPI(title="plait", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="plait",
+        version="0.1.0",
+        lifespan=lifespan,
+        dependencies=[Depends(refuse_lone_surrogates)],
+    )
     app.state.engine = engine
     app.state.config = config
     app.state.metrics = metrics = Metrics(engine)
@@ -137,15 +253,20 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request) -> Response:
         check_generate_fields(body, config.served_model_name)
         kwargs = _generate_kwargs(body)
-        if body.stream:
-            # Validated and submitted here, so bad input is still a plain 400.
-            pieces = await engine.async_generate(**kwargs, stream=True)
-            return StreamingResponse(
-                _native_stream(pieces, metrics, body.incremental_streaming_output),
-                media_type="text/event-stream",
-            )
+        incremental = body.incremental_streaming_output
+        if incremental is None:
+            incremental = config.incremental_streaming_output
         try:
+            if body.stream:
+                # Validated and submitted here, so bad input is still a plain 400.
+                pieces = await engine.async_generate(**kwargs, stream=True)
+                return StreamingResponse(
+                    _native_stream(pieces, metrics, incremental),
+                    media_type="text/event-stream",
+                )
             out = await until_disconnect(request, engine.async_generate(**kwargs))
+        except RequestError as e:
+            raise _native_error(e) from e
         except ClientDisconnected:
             metrics.aborted(_num_outputs(body))
             raise
@@ -229,7 +350,111 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         data, content_type = await run_in_threadpool(metrics.render)
         return Response(data, media_type=content_type)
 
+    app.state.profile_trace = None  # the file name of the profile being recorded
+
+    @app.get("/start_profile")
+    @app.post("/start_profile")  # two routes, so the OpenAPI spec has one operation id each
+    async def start_profile(
+        body: Annotated[ProfileRequest | None, Body()] = None,
+    ) -> Response:
+        body = body or ProfileRequest()
+        activities, trace = _check_profile_request(body, config, str(engine.device))
+        if app.state.profile_trace is not None:
+            return error_response(
+                400, "a profile is already being recorded; /stop_profile first", code="busy"
+            )
+        app.state.profile_trace = trace
+        try:
+            await run_in_threadpool(
+                engine.start_profile,
+                tuple(a for a in activities if a != "MEM"),
+                bool(body.record_shapes),
+                bool(body.with_stack),
+                "MEM" in activities,
+            )
+        except BaseException:
+            app.state.profile_trace = None
+            raise
+        return PlainTextResponse("Start profiling.\n")
+
+    @app.get("/stop_profile")
+    @app.post("/stop_profile")  # two routes, so the OpenAPI spec has one operation id each
+    async def stop_profile() -> Response:
+        trace, app.state.profile_trace = app.state.profile_trace, None
+        if trace is None:
+            return error_response(400, "no profile is being recorded; /start_profile first")
+        directory = pathlib.Path(config.profile_dir)  # set: a profile was started
+        await run_in_threadpool(directory.mkdir, parents=True, exist_ok=True)
+        await run_in_threadpool(engine.stop_profile, str(directory / trace))
+        return PlainTextResponse(f"Stop profiling. Trace {trace} is in the profile directory.\n")
+
+    @app.post("/concate_and_append_request")
+    async def concat_and_append(body: ConcatAndAppendRequest) -> dict:
+        # SGLang's frontend sends this when forks join with mode="concate_and_append",
+        # asking the server to splice the forks' KV after the parent's. Nothing needs
+        # doing here: the parent's next request carries the joined text; the radix cache
+        # holds its prefix up to the first fork, and the rest is prefilled at its real
+        # positions (exact, where splicing reuses KV computed at other positions).
+        return {"success": True, "message": "the joined text is cached on its next request"}
+
     return app
+
+
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+# ProfileRequest fields plait cannot honour (it records from start to stop).
+_PROFILE_UNSUPPORTED = {
+    "start_step": "profiles run from /start_profile to /stop_profile",
+    "num_steps": "profiles run from /start_profile to /stop_profile",
+    "profile_by_stage": "profiles are not split by stage",
+    "profile_stages": "profiles are not split by stage",
+    "merge_profiles": "there is one profile (one rank records)",
+    "detailed_annotations": "iteration annotations are not recorded",
+}
+
+
+def _check_profile_request(
+    body: ProfileRequest, config: ServerConfig, device: str
+) -> tuple[list[str], str]:
+    """The activities to record and the trace's file name, or a 400 naming the field."""
+    if config.profile_dir is None:
+        raise APIError(
+            400,
+            "profiling is off on this server: start it with --profile-dir DIR",
+            code="profiling_disabled",
+        )
+    if body.output_dir is not None:
+        raise APIError(
+            400,
+            "output_dir: traces are written to the server's --profile-dir; a client does "
+            "not choose where the server writes",
+            param="output_dir",
+        )
+    for name, why in _PROFILE_UNSUPPORTED.items():
+        if _is_set(getattr(body, name)):
+            raise APIError(400, f"{name}: {why}", param=name, code="unsupported_field")
+    on_gpu = device.startswith("cuda")
+    activities = body.activities or (["CPU", "GPU"] if on_gpu else ["CPU"])
+    for a in activities:
+        if a not in ("CPU", "GPU", "MEM"):
+            raise APIError(
+                400, f"activities: {a!r} is not one of CPU, GPU, MEM", param="activities"
+            )
+        if a == "GPU" and not on_gpu:
+            raise APIError(400, "activities: this server runs on no GPU", param="activities")
+    parts = []
+    for name in ("profile_prefix", "profile_id"):
+        value = getattr(body, name)
+        if value is not None:
+            if not _PROFILE_NAME.match(value):
+                raise APIError(
+                    400,
+                    f"{name}: must be 1-64 letters, digits, '.', '_' or '-' (it names a file)",
+                    param=name,
+                )
+            parts.append(value)
+    if not body.profile_id:
+        parts.append(time.strftime("%Y%m%d-%H%M%S") + f"-{secrets.token_hex(3)}")
+    return activities, "-".join(parts) + ".trace.json"
 
 
 # Engine options a client is not shown: where files live on the server.
@@ -247,17 +472,23 @@ def check_generate_fields(body: GenerateRequest, model_name: str) -> None:
             param=extra[0],
         )
     for name in MEDIA_FIELDS:
-        if getattr(body, name) not in (None, [], ""):
+        if _is_set(getattr(body, name)):
             raise APIError(
                 400,
-                f"{name}: model {model_name!r} is text-only and takes no {name.split('_')[0]} "
-                "input; serve a vision-language model for images",
+                f"{name}: model {model_name!r} is text-only: it takes no image, video or "
+                "audio input (serve a vision-language model for images)",
                 param=name,
                 code="model_not_multimodal",
             )
     for name, why in UNSUPPORTED_FIELDS.items():
-        if getattr(body, name) not in (None, False, [], {}):
+        if _is_set(getattr(body, name)):
             raise APIError(400, f"{name}: {why}", param=name, code="unsupported_field")
+
+
+def _is_set(value: Any) -> bool:
+    """A field given a value that asks for something: not None, False or empty (0 is a
+    value: ``0 in (False,)`` would be true)."""
+    return value is not None and value is not False and value not in ([], {}, "")
 
 
 def _num_outputs(body: GenerateRequest) -> int:

@@ -19,11 +19,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from plait.runtime.errors import RequestError
-from plait.runtime.server.app import SSE_DONE, APIError, sse, until_disconnect
+from plait.runtime.server.app import (
+    SSE_DONE,
+    APIError,
+    ClientDisconnected,
+    JSONResponse,
+    sse,
+    until_disconnect,
+)
 from plait.runtime.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -212,8 +219,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         {"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)}
         for i, m in enumerate(body.messages)
     ]
+    prefill = _assistant_prefill(body, messages)
     # Rendering a long conversation takes a while: off the event loop.
-    prompt = await run_in_threadpool(engine.apply_chat_template, messages)
+    prompt = await run_in_threadpool(engine.apply_chat_template, messages) + prefill
     max_tokens = (
         body.max_completion_tokens if body.max_completion_tokens is not None else (body.max_tokens)
     )
@@ -243,6 +251,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         )
     except RequestError as e:
         raise _openai_error(e, body, "messages") from e
+    except ClientDisconnected:
+        metrics.aborted(body.n)
+        raise
     outs = outs if isinstance(outs, list) else [outs]
     metrics.record(outs)
     choices = [
@@ -265,6 +276,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             "usage": _usage(outs, len(outs)),
         }
     )
+
+
+def _assistant_prefill(body: ChatCompletionRequest, messages: list[dict[str, Any]]) -> str:
+    """The text the assistant's reply starts with: the last message with
+    ``continue_final_message`` (taken off the list, so its turn is left open), or
+    ``response_prefill``. It follows the rendered generation prompt."""
+    if not body.continue_final_message:
+        return body.response_prefill or ""
+    if body.response_prefill is not None:
+        raise APIError(
+            400,
+            "response_prefill: give it or continue_final_message, not both",
+            param="response_prefill",
+        )
+    if messages[-1]["role"] != "assistant":
+        raise APIError(
+            400,
+            f"continue_final_message: the last message is the {messages[-1]['role']}'s; it "
+            "must be the assistant's reply to continue",
+            param="continue_final_message",
+        )
+    return messages.pop()["content"]
 
 
 def _token_entry(lp: float, text: str | None) -> dict[str, Any]:
@@ -317,22 +350,31 @@ async def _chat_events(
         )
     finals: dict[int, dict] = {}
     firsts: set[int] = set()
-    async for i, piece in _merge(streams):
-        meta = piece["meta_info"]
-        if i not in firsts:
-            firsts.add(i)
-            metrics.first_token(piece)
-        choice: dict[str, Any] = {"index": i, "delta": {}, "logprobs": None, "finish_reason": None}
-        if piece["text"]:
-            choice["delta"] = {"content": piece["text"]}
-        if body.logprobs:
-            choice["logprobs"] = _chat_logprobs(meta)
-        if meta.get("finish_reason") is not None:
-            choice["finish_reason"] = _finish_reason(meta)
-            choice["matched_stop"] = _matched(meta)
-            finals[i] = {"meta_info": meta}
-        if choice["delta"] or choice["finish_reason"] or choice["logprobs"]:
-            yield chunk([choice])
+    try:
+        async for i, piece in _merge(streams):
+            meta = piece["meta_info"]
+            if i not in firsts:
+                firsts.add(i)
+                metrics.first_token(piece)
+            choice: dict[str, Any] = {
+                "index": i,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            if piece["text"]:
+                choice["delta"] = {"content": piece["text"]}
+            if body.logprobs:
+                choice["logprobs"] = _chat_logprobs(meta)
+            if meta.get("finish_reason") is not None:
+                choice["finish_reason"] = _finish_reason(meta)
+                choice["matched_stop"] = _matched(meta)
+                finals[i] = {"meta_info": meta}
+            if choice["delta"] or choice["finish_reason"] or choice["logprobs"]:
+                yield chunk([choice])
+    finally:  # choices cut off (the client went away, or a stream broke) were aborted
+        if len(finals) < len(streams):
+            metrics.aborted(len(streams) - len(finals))
     outs = [finals[i] for i in sorted(finals)]
     metrics.record(outs)
     if body.stream_options is not None and body.stream_options.include_usage:
@@ -465,6 +507,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         )
     except RequestError as e:
         raise _openai_error(e, body, "prompt") from e
+    except ClientDisconnected:
+        metrics.aborted(len(prompts) * body.n)
+        raise
     echo = _echo(engine, prompts) if body.echo else None
     outs = outs if isinstance(outs, list) else [outs]
     metrics.record(outs)
@@ -539,24 +584,30 @@ async def _completion_events(
 
     started: set[int] = set()
     finals: dict[int, dict] = {}
-    async for i, piece in _merge(streams):
-        meta = piece["meta_info"]
-        text = piece["text"]
-        if i not in started:
-            metrics.first_token(piece)
-            if echo:
-                text = echo[i // n] + text
-        started.add(i)
-        choice = {
-            "index": i,
-            "text": text,
-            "logprobs": _completion_logprobs(meta, False) if body.logprobs is not None else None,
-            "finish_reason": _finish_reason(meta),
-        }
-        if meta.get("finish_reason") is not None:
-            choice["matched_stop"] = _matched(meta)
-            finals[i] = {"meta_info": meta}
-        yield chunk([choice])
+    try:
+        async for i, piece in _merge(streams):
+            meta = piece["meta_info"]
+            text = piece["text"]
+            if i not in started:
+                metrics.first_token(piece)
+                if echo:
+                    text = echo[i // n] + text
+            started.add(i)
+            choice = {
+                "index": i,
+                "text": text,
+                "logprobs": _completion_logprobs(meta, False)
+                if body.logprobs is not None
+                else None,
+                "finish_reason": _finish_reason(meta),
+            }
+            if meta.get("finish_reason") is not None:
+                choice["matched_stop"] = _matched(meta)
+                finals[i] = {"meta_info": meta}
+            yield chunk([choice])
+    finally:  # choices cut off (the client went away, or a stream broke) were aborted
+        if len(finals) < len(streams):
+            metrics.aborted(len(streams) - len(finals))
     outs = [finals[i] for i in sorted(finals)]
     metrics.record(outs)
     if body.stream_options is not None and body.stream_options.include_usage:

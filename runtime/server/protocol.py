@@ -1,13 +1,14 @@
 """Request bodies of the HTTP API, as pydantic models (they make the OpenAPI
-spec). Field names follow SGLang's native API and OpenAI's; unknown top-level
-fields are accepted and ignored, as those APIs' clients send extras freely.
+spec). Field names follow SGLang's native API and OpenAI's. /generate refuses a
+top-level field SGLang does not define; the OpenAI routes accept and ignore unknown
+fields, as OpenAI clients send extras freely.
 Sampling values are checked by SamplingParams, which names the bad field."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
 
 StrList = str | list[str]
 
@@ -16,70 +17,147 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-# Fields of SGLang's native /generate that carry media: a 400 on a text-only model.
-MEDIA_FIELDS = ("image_data", "video_data", "audio_data", "input_embeds")
+# Fields of SGLang's native /generate that carry media or configure its processing:
+# a 400 naming the model when set on a text-only model.
+MEDIA_FIELDS = (
+    "image_data",
+    "video_data",
+    "audio_data",
+    "input_embeds",
+    "mm_hashes",
+    "mm_content_hashes",
+    "use_audio_in_video",
+    "video_config",
+    "max_dynamic_patch",
+    "min_dynamic_patch",
+    "image_max_dynamic_patch",
+    "video_max_dynamic_patch",
+    "images_config",
+    "mm_processor_kwargs",
+)
+_PD = "disaggregated prefill/decode is not supported"
+_DP = "data-parallel routing is not supported"
+_EPD = "disaggregated encoding is not supported"
+_SCORE = "multi-item scoring is not supported"
 # Fields SGLang defines that plait cannot honour: a 400 when set, never silence.
 UNSUPPORTED_FIELDS = {
     "token_ids_logprob": "logprobs of chosen token ids are not supported; use top_logprobs_num",
+    "return_sampling_mask": "sampling masks are not returned by this server",
+    "sampling_logprobs_mode": "sampling-support logprobs are not returned by this server",
+    "return_flat_raw_top_logprobs": "top logprobs come only as nested lists here",
+    "return_flat_raw_output_top_logprobs": "top logprobs come only as nested lists here",
+    "return_flat_raw_top_logprobs_b64": "top logprobs come only as nested lists here",
     "return_hidden_states": "hidden states are not returned by this server",
+    "return_routed_experts": "this server runs no mixture-of-experts routing to return",
+    "return_indexer_topk": "this server runs no sparse-attention indexer to return",
+    "return_entropy": "entropies are not returned",
+    "return_prompt_token_ids": "prompt token ids are not returned; use return_logprob with "
+    "logprob_start_len 0",
+    "return_bytes": "image bytes are not returned by /generate",
+    "watermark": "watermarking is not supported",
     "session_params": "sessions are not supported; the radix cache reuses shared prefixes",
     "lora_path": "LoRA adapters are not supported",
     "lora_id": "LoRA adapters are not supported",
     "custom_logit_processor": "custom logit processors are not accepted over HTTP",
-    "bootstrap_host": "disaggregated prefill is not supported",
-    "bootstrap_port": "disaggregated prefill is not supported",
-    "bootstrap_room": "disaggregated prefill is not supported",
-    "data_parallel_rank": "data parallelism is not supported",
+    "positional_embed_overrides": "embedding overrides are not accepted over HTTP",
+    # A cache namespace a client asks for must really separate its prefixes: until the
+    # engine takes one, refusing is the only honest answer.
+    "extra_key": "cache namespaces are not supported yet; prefixes are shared by all requests",
+    "cache_salt": "cache namespaces are not supported yet; prefixes are shared by all requests",
+    "bootstrap_host": _PD,
+    "bootstrap_port": _PD,
+    "bootstrap_room": _PD,
+    "bootstrap_pair_key": _PD,
+    "decode_tp_size": _PD,
+    "disagg_prefill_dp_rank": _PD,
+    "routed_dp_rank": _DP,
+    "data_parallel_rank": _DP,
+    "need_wait_for_mm_inputs": _EPD,
+    "num_items_assigned": _EPD,
+    "encoder_urls": _EPD,
+    "multi_item_delimiter_indices": _SCORE,
+    "token_indices_to_pool": _SCORE,
+    "http_worker_ipc": "an internal field of SGLang's tokenizer workers",
     "background": "background requests are not supported",
-    "return_entropy": "entropies are not returned",
+    "require_reasoning": "this model has no reasoning mode to require",
+    "max_thinking_tokens": "this model has no reasoning mode to budget",
 }
 
 
-class GenerateRequest(BaseModel):
-    """``POST /generate`` (SGLang's native API). Its fields are SGLang 0.5's; any other
-    top-level field is refused by name (see app.check_generate_fields)."""
-
+class _GenerateFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     text: str | list[str] | None = None
     input_ids: list[StrictInt] | list[list[StrictInt]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
-    return_logprob: bool | list[bool] = False
+    return_logprob: bool | list[bool] | None = False
     logprob_start_len: int | list[int] | None = None
     top_logprobs_num: int | list[int] | None = None
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
     stream: bool = False
-    incremental_streaming_output: bool = False  # each event carries only what is new
-    # Accepted and harmless here.
+    # Each event carries only what is new (text, ids, output logprobs); None: the
+    # server's --incremental-streaming-output. SGLang has it as a server flag only.
+    incremental_streaming_output: bool | None = None
+    # Accepted and harmless here: bookkeeping, hints and labels.
     log_metrics: bool = True
     modalities: list[str] | None = None
     no_logs: bool = False
     custom_labels: dict[str, Any] | None = None
     priority: int | None = None
-    extra_key: str | None = None
+    session_id: str | None = None
     conversation_id: str | None = None
-    # Media and features that cannot apply: refused when set.
-    image_data: Any = None
-    video_data: Any = None
-    audio_data: Any = None
-    input_embeds: Any = None
-    token_ids_logprob: Any = None
-    return_hidden_states: Any = None
-    session_params: Any = None
-    lora_path: Any = None
-    lora_id: Any = None
-    custom_logit_processor: Any = None
-    bootstrap_host: Any = None
-    bootstrap_port: Any = None
-    bootstrap_room: Any = None
-    data_parallel_rank: Any = None
-    background: Any = None
-    return_entropy: Any = None
+    routing_key: str | None = None
+    routed_experts_start_len: int = 0
+    external_trace_header: dict[str, Any] | None = None
+    received_time: float | None = None
+    kv_hints: Any = None
+
+
+# Media and features that cannot apply are declared too (so the OpenAPI spec lists
+# them), and refused when set.
+GenerateRequest = create_model(
+    "GenerateRequest",
+    __base__=_GenerateFields,
+    __doc__="``POST /generate`` (SGLang's native API). Its fields are SGLang 0.5's "
+    "``GenerateReqInput``; any other top-level field is refused by name, and so is a field "
+    "SGLang defines that cannot apply here (see app.check_generate_fields).",
+    **{name: (Any, None) for name in (*MEDIA_FIELDS, *UNSUPPORTED_FIELDS)},
+)
 
 
 class AbortRequest(_Body):
     rid: str
+
+
+class ProfileRequest(BaseModel):
+    """``/start_profile`` (SGLang's ProfileReq). Fields that cannot apply here are
+    refused when set (see app.start_profile); unknown ones too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activities: list[str] | None = None  # CPU (default), GPU, MEM
+    with_stack: bool | None = None
+    record_shapes: bool | None = None
+    profile_id: str | None = None  # names the trace file, with profile_prefix
+    profile_prefix: str | None = None
+    output_dir: str | None = None
+    start_step: int | None = None
+    num_steps: int | None = None
+    profile_by_stage: bool = False
+    merge_profiles: bool = False
+    profile_stages: list[str] | None = None
+    detailed_annotations: bool = False
+
+
+class ConcatAndAppendRequest(BaseModel):
+    """``/concate_and_append_request``, which SGLang's frontend sends when forks join
+    with ``concate_and_append``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    src_rids: list[str]
+    dst_rid: str
 
 
 class StreamOptions(_Body):
@@ -144,3 +222,8 @@ class ChatCompletionRequest(_OpenAISampling):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # SGLang's: the last message is the assistant's reply so far; the model continues
+    # it (rendered without closing that turn) and the reply holds only what follows.
+    continue_final_message: bool = False
+    # Text the assistant's reply starts with, continued the same way.
+    response_prefill: str | None = None

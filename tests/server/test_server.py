@@ -407,7 +407,7 @@ LONG_IDS = [5] * 600  # the tiny model's context is 512 tokens
         ({"text": "x " * 600}, "input_ids"),
         ({"input_ids": [3, 10**6]}, "input_ids"),
         ({"input_ids": []}, "input_ids"),
-        ({"text": []}, "prompt"),
+        ({"text": []}, "text"),
         ({}, "text"),
         ({"text": "a", "input_ids": [1]}, "text"),
         ({"text": ["a", "b"], "stream": True}, "stream"),
@@ -532,6 +532,35 @@ def test_chunked_body_over_the_size_limit_is_413(guarded):
     assert error["code"] == "request_too_large"
     r = guarded.post("/generate", content=chunks(100), headers={**KEY, **JSON})
     assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/generate", {"text": "a" * 3000, "stream": True}),
+        ("/v1/completions", {"model": "smollm2", "prompt": "a" * 3000}),
+        ("/v1/completions", {"model": "smollm2", "prompt": "a" * 3000, "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"model": "smollm2", "messages": [{"role": "user", "content": "a" * 3000}]},
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "smollm2",
+                "stream": True,
+                "messages": [{"role": "user", "content": "a" * 3000}],
+            },
+        ),
+    ],
+)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_every_route_and_stream_refuses_a_body_over_the_limit(guarded, path, body, chunked):
+    data = json.dumps(body).encode()
+    content = iter([data[:1000], data[1000:]]) if chunked else data
+    r = guarded.post(path, content=content, headers={**KEY, **JSON})
+    assert ("content-length" in r.request.headers) is not chunked
+    assert assert_error(r, 413, None)["code"] == "request_too_large"
 
 
 @pytest.mark.parametrize(

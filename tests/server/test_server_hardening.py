@@ -38,20 +38,64 @@ def _serves(client: TestClient) -> None:
 # ---- bad values ---------------------------------------------------------------------------
 
 
+def _post_raw(client: TestClient, path: str, body: str):
+    """Post JSON text as it is (json= would refuse to encode a lone surrogate)."""
+    return client.post(
+        path, content=body.encode("ascii"), headers={"content-type": "application/json"}
+    )
+
+
 def test_a_lone_surrogate_in_a_prompt_is_400(client):
-    r = client.post(
-        "/generate",
-        content=b'{"text": "abc \\ud800 def", "sampling_params": {"max_new_tokens": 2}}',
-        headers={"content-type": "application/json"},
-    )
-    error = assert_error(r, 400, "prompt")
+    r = _post_raw(client, "/generate", '{"text": "abc \\ud800 def"}')
+    error = assert_error(r, 400, "text")
+    assert error["code"] == "invalid_unicode"
     assert "surrogate" in error["message"] and "'\\ud800'" in error["message"]
-    r = client.post(
+    r = _post_raw(
+        client,
         "/v1/chat/completions",
-        content=b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
-        headers={"content-type": "application/json"},
+        '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
     )
-    assert "surrogate" in assert_error(r, 400, "messages")["message"]
+    assert "surrogate" in assert_error(r, 400, "messages.0.content")["message"]
+    _serves(client)
+
+
+# Every string of a request, keys included: each would have been echoed (in a result's
+# meta_info or an error message) into a response UTF-8 cannot encode, a 500 that drops
+# the connection.
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/generate", '{"text": ["ok", "a S"]}', "text.1"),
+        ("/generate", '{"text": "a", "rid": "S"}', "rid"),
+        (
+            "/generate",
+            '{"text": "a", "sampling_params": {"stop": ["S"]}}',
+            "sampling_params.stop.0",
+        ),
+        ("/generate", '{"text": "a", "sampling_params": {"regex": "S"}}', "sampling_params.regex"),
+        ("/generate", '{"text": "a", "sampling_params": {"S": 1}}', "sampling_params.\\ud800"),
+        ("/generate", '{"text": "a", "S": 1}', "\\ud800"),
+        ("/generate", '{"text": "S", "stream": true}', "text"),
+        ("/v1/completions", '{"model": "S", "prompt": "a"}', "model"),
+        (
+            "/v1/completions",
+            '{"model": "tiny", "prompt": "a", "stop": "S", "stream": true}',
+            "stop",
+        ),
+        (
+            "/v1/chat/completions",
+            '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "S"}]}]}',
+            "messages.0.content.0.type",
+        ),
+        ("/abort_request", '{"rid": "S"}', "rid"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_400_naming_the_field(client, path, body, param):
+    r = _post_raw(client, path, body.replace("S", "\\ud800"))
+    error = assert_error(r, 400, param)
+    assert error["code"] == "invalid_unicode"
+    r = _post_raw(client, path, body.replace("S", "\\ud83d\\ude00"))  # a pair is fine
+    assert r.status_code != 500
     _serves(client)
 
 
@@ -210,3 +254,163 @@ def test_openai_streams_record_time_to_first_token(client, route):
     events = sse_events(client.post(route, json=body).text)
     assert events[-1] == "[DONE]"
     assert _samples(client)[key] == before + 2
+
+
+# ---- SGLang 0.5's GenerateReqInput -----------------------------------------------------------
+
+
+def test_sglang_bookkeeping_fields_are_accepted(client):
+    """Fields SGLang's clients and routers send that change nothing here."""
+    body = {
+        "text": "a",
+        "sampling_params": {"max_new_tokens": 2},
+        "session_id": "s-1",
+        "routing_key": "k",
+        "conversation_id": "c",
+        "use_audio_in_video": False,
+        "routed_experts_start_len": 0,
+        "external_trace_header": {"traceparent": "00-x"},
+        "return_logprob": None,
+    }
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["meta_info"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("extra_key", "tenant-a"),  # a cache namespace that would not separate anything
+        ("cache_salt", "tenant-a"),
+        ("watermark", {"key": 1}),
+        ("return_prompt_token_ids", True),
+        ("return_flat_raw_top_logprobs", True),
+        ("routed_dp_rank", 0),
+        ("require_reasoning", True),
+        ("max_thinking_tokens", 10),
+        ("token_indices_to_pool", [1]),
+    ],
+)
+def test_sglang_fields_that_cannot_apply_are_400_by_name(client, field, value):
+    error = assert_error(client.post("/generate", json={"text": "a", field: value}), 400, field)
+    assert error["code"] == "unsupported_field"
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("mm_hashes", ["ab"]), ("video_config", {"fps": 1}), ("max_dynamic_patch", 4)],
+)
+def test_media_fields_on_a_text_model_are_400_naming_the_model(client, field, value):
+    error = assert_error(client.post("/generate", json={"text": "a", field: value}), 400, field)
+    assert error["code"] == "model_not_multimodal" and "'tiny' is text-only" in error["message"]
+
+
+def test_engine_errors_name_generates_own_fields(client):
+    error = assert_error(client.post("/generate", json={"text": []}), 400, "text")
+    assert error["message"].startswith("text")
+
+
+def test_a_served_model_name_cannot_be_a_path():
+    for path in ("/root/models/x", "~/models/x", "./x", "..", "C:\\models\\x", "", " x"):
+        with pytest.raises(ValueError, match="not a path"):
+            ServerConfig(served_model_name=path)
+    assert ServerConfig(served_model_name="HuggingFaceTB/SmolLM2-135M").served_model_name
+
+
+def test_incremental_streaming_output_as_the_servers_default(engine):
+    app = create_app(
+        engine, ServerConfig(served_model_name=MODEL, incremental_streaming_output=True)
+    )
+    c = TestClient(app)  # not entered (see test_bearer_scheme_is_case_insensitive)
+    body = {
+        "text": PROMPTS[1],
+        "sampling_params": {**GREEDY, "max_new_tokens": 6},
+        "stream": True,
+        "return_logprob": True,
+    }
+    pieces = sse_events(c.post("/generate", json=body).text)[:-1]
+    assert [len(p["meta_info"]["output_token_logprobs"]) for p in pieces] == [
+        len(p["output_ids"]) for p in pieces
+    ]
+    assert sum(len(p["output_ids"]) for p in pieces) == 6
+    whole = sse_events(
+        c.post("/generate", json={**body, "incremental_streaming_output": False}).text
+    )[-2]
+    assert "".join(p["text"] for p in pieces) == whole["text"]
+    assert len(whole["meta_info"]["output_token_logprobs"]) == 6
+
+
+# ---- profiling -------------------------------------------------------------------------------
+
+
+def test_profiling_is_off_without_a_profile_dir(client):
+    for method in ("GET", "POST"):
+        error = assert_error(client.request(method, "/start_profile"), 400, None)
+        assert error["code"] == "profiling_disabled" and "--profile-dir" in error["message"]
+    assert_error(client.post("/stop_profile"), 400, None)
+
+
+@pytest.fixture(scope="module")
+def profiled(engine, tmp_path_factory):
+    profile_dir = tmp_path_factory.mktemp("profiles")
+    app = create_app(engine, ServerConfig(served_model_name=MODEL, profile_dir=str(profile_dir)))
+    return TestClient(app), profile_dir  # not entered (see above)
+
+
+def test_start_and_stop_profile_write_a_trace_of_the_forward_passes(profiled):
+    c, profile_dir = profiled
+    assert c.get("/start_profile").status_code == 200  # SGLang's client sends a GET
+    assert_error(c.post("/start_profile"), 400, None)  # one at a time
+    r = c.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 3}})
+    assert r.status_code == 200
+    r = c.get("/stop_profile")
+    assert r.status_code == 200
+    (trace,) = profile_dir.glob("*.trace.json")
+    assert trace.name in r.text and str(profile_dir) not in r.text
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") for e in events)
+    assert_error(c.post("/stop_profile"), 400, None)  # nothing is recording now
+    body = {"activities": ["CPU", "MEM"], "profile_id": "run-1", "profile_prefix": "plait"}
+    assert c.post("/start_profile", json=body).status_code == 200
+    assert c.post("/stop_profile").status_code == 200
+    assert (profile_dir / "plait-run-1.trace.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"output_dir": "/etc"}, "output_dir"),  # a client does not choose where files go
+        ({"profile_id": "../../etc/x"}, "profile_id"),
+        ({"profile_prefix": "a/b"}, "profile_prefix"),
+        ({"num_steps": 5}, "num_steps"),
+        ({"activities": ["GPU"]}, "activities"),  # a CPU server
+        ({"activities": ["RPD"]}, "activities"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_profile_requests_that_cannot_apply_are_400(profiled, body, param):
+    c, profile_dir = profiled
+    assert_error(c.post("/start_profile", json=body), 400, param)
+    assert not list(profile_dir.parent.glob("etc*"))
+    assert_error(c.post("/stop_profile"), 400, None)  # none was started
+
+
+def test_concate_and_append_request_is_acknowledged(client):
+    body = {"src_rids": ["a", "b"], "dst_rid": "c"}
+    r = client.post("/concate_and_append_request", json=body)
+    assert r.status_code == 200 and r.json()["success"] is True
+    assert_error(
+        client.post("/concate_and_append_request", json={"src_rids": "a"}), 400, "src_rids"
+    )
+
+
+def test_plait_serve_names_a_model_dir_by_its_own_name(tmp_path, monkeypatch):
+    from plait.runtime.cli import _model_name
+
+    model = tmp_path / "MyModel-1B"
+    model.mkdir()
+    monkeypatch.chdir(model)
+    for given in (str(model), f"{model}/", ".", "./"):
+        assert _model_name(given) == "MyModel-1B"
+        ServerConfig(served_model_name=_model_name(given))  # a name, not a path
+    assert _model_name("smollm2") == "smollm2" and _model_name("/m/x.gguf") == "x"

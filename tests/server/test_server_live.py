@@ -7,6 +7,7 @@ serves, and exits cleanly on SIGTERM."""
 from __future__ import annotations
 
 import gc
+import http.client
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import pytest
 import uvicorn
 from common import GREEDY, MODEL, PERSON, assert_kv_all_free, wait_idle
 from http_server import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 from plait.runtime.server import ServerConfig, create_app
 
@@ -59,6 +61,23 @@ def oai(base_url) -> openai.OpenAI:
         yield client
 
 
+def aborted_count(base_url: str) -> float:
+    """The server's finished-requests counter for aborts."""
+    text = httpx.get(f"{base_url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "plait_requests_finished_total" and s.labels == {"reason": "abort"}:
+                return s.value
+    return 0.0
+
+
+def wait_aborted(base_url: str, expected: float, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while aborted_count(base_url) != expected:
+        assert time.monotonic() < deadline, (aborted_count(base_url), expected)
+        time.sleep(0.05)
+
+
 def assert_no_errors_logged(caplog) -> None:
     gc.collect()  # an unawaited task's error is logged when it is collected
     time.sleep(0.1)
@@ -91,10 +110,15 @@ def _model(path: str) -> dict:
     return {"model": MODEL} if path.startswith("/v1/") else {}
 
 
+# How many requests each body makes (choices x prompts).
+OUTPUTS = {"generate": 1, "completions": 1, "completions-n3": 3, "chat": 1, "chat-n2": 2}
+
+
 @pytest.mark.parametrize("route", list(STREAMS))
 def test_disconnect_mid_stream_aborts_and_frees_kv(base_url, engine, caplog, route):
     path, body = STREAMS[route]
     assert engine.flush_cache()
+    aborted = aborted_count(base_url)
     passes = engine.get_stats()["num_forward_passes"]
     with (
         httpx.Client(base_url=base_url, timeout=30) as client,
@@ -112,6 +136,7 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(base_url, engine, caplog, rou
     wait_idle(engine)
     assert engine.get_stats()["num_forward_passes"] - passes < LONG
     assert_kv_all_free(engine)
+    wait_aborted(base_url, aborted + OUTPUTS[route])  # counted as finished by abort
     assert_no_errors_logged(caplog)
 
 
@@ -126,13 +151,50 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(base_url, engine, caplog, rou
 )
 def test_disconnect_while_waiting_aborts_and_frees_kv(base_url, engine, caplog, path, body):
     assert engine.flush_cache()
+    aborted = aborted_count(base_url)
     passes = engine.get_stats()["num_forward_passes"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base_url + path, json={**_model(path), **body}, timeout=0.5)
     wait_idle(engine)
     assert engine.get_stats()["num_forward_passes"] - passes < LONG
     assert_kv_all_free(engine)
+    wait_aborted(base_url, aborted + (1 if path == "/generate" else 2))
     assert_no_errors_logged(caplog)
+
+
+# ---- keep-alive ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/generate", b'{"text": "abc \\ud800"}'),
+        ("/generate", b'{"text": "a", "sampling_params": {"stop": ["\\udfff"]}}'),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        ),
+        ("/generate", b'{"text": "a", "sampling_params": {"max_new_tokens": 2}, "lora_path": "x"}'),
+    ],
+)
+def test_a_refused_request_keeps_the_connection_alive(base_url, path, body):
+    """A 400, not a 500 that closes the connection: the next request goes out on the
+    same socket."""
+    conn = http.client.HTTPConnection(base_url.removeprefix("http://"), timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+        r = conn.getresponse()
+        error = json.loads(r.read())["error"]
+        assert r.status == 400 and r.getheader("connection") != "close", error
+        sock = conn.sock
+        assert sock is not None  # not closed after the error
+        ok = json.dumps({"text": "a", "sampling_params": {"max_new_tokens": 2}})
+        conn.request("POST", "/generate", body=ok, headers={"content-type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["meta_info"]["completion_tokens"] == 2
+        assert conn.sock is sock
+    finally:
+        conn.close()
 
 
 # ---- concurrency ---------------------------------------------------------------------------

@@ -717,3 +717,74 @@ def test_chat_top_logprobs_without_logprobs_is_refused(client):
         json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2},
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+# ---- continuing the assistant's reply ------------------------------------------------------
+
+REPLY_START = [*MESSAGES, {"role": "assistant", "content": "Two plus two is"}]
+
+
+def test_chat_continue_final_message_leaves_the_last_turn_open(client, engine):
+    """The last assistant message is continued, not closed and answered anew: the
+    prompt is the conversation before it, the generation prompt, then its text."""
+    body = chat(
+        client,
+        messages=REPLY_START,
+        continue_final_message=True,
+        max_tokens=6,
+        temperature=0,
+        ignore_eos=True,
+    )
+    prompt = template_prompt(engine, MESSAGES) + "Two plus two is"
+    ref = engine.generate(prompt, {**GREEDY, "max_new_tokens": 6})
+    assert body["choices"][0]["message"]["content"] == ref["text"]
+    assert body["usage"]["prompt_tokens"] == len(engine.tokenizer.encode(prompt))
+    # Without it the last turn is closed, and another assistant turn opens.
+    closed = chat(client, messages=REPLY_START, max_tokens=6, temperature=0, ignore_eos=True)
+    assert closed["usage"]["prompt_tokens"] == len(
+        engine.tokenizer.encode(template_prompt(engine, REPLY_START))
+    )
+
+
+def test_chat_response_prefill_starts_the_reply_and_streams_alike(client, engine):
+    common = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    body = chat(client, **common, response_prefill="Two plus two is")
+    prompt = template_prompt(engine, MESSAGES) + "Two plus two is"
+    ref = engine.generate(prompt, {**GREEDY, "max_new_tokens": 6})
+    assert body["choices"][0]["message"]["content"] == ref["text"]
+    chunks = stream(client, "/v1/chat/completions", **common, response_prefill="Two plus two is")
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == ref["text"]
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"continue_final_message": True, "messages": MESSAGES}, "continue_final_message"),
+        (
+            {"continue_final_message": True, "response_prefill": "x", "messages": REPLY_START},
+            "response_prefill",
+        ),
+    ],
+)
+def test_chat_continue_final_message_misuse_is_400(client, extra, param):
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, **extra})
+    assert_error(r, 400, param)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [{"max_tokens": 5, "ignore_eos": True}, {"max_tokens": 40, "stop": [" ", "e", "a", "o"]}],
+    ids=["length", "stop"],
+)
+def test_chat_final_stream_chunk_finishes_like_the_whole_response(client, ending):
+    """The last chunk of a choice carries finish_reason (a string) and matched_stop with
+    the values the non-streamed response gives."""
+    common = {"messages": MESSAGES, "temperature": 0, **ending}
+    whole = chat(client, **common)["choices"][0]
+    chunks = stream(client, "/v1/chat/completions", **common)
+    final = chunks[-1]["choices"][0]
+    assert set(final) == set(whole) - {"message"} | {"delta"}
+    assert final["finish_reason"] == whole["finish_reason"]
+    assert final["matched_stop"] == whole["matched_stop"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
