@@ -553,13 +553,7 @@ class _Parser:
         self._value_done()
 
     def _value_done(self) -> None:
-        f = self.frames[-1]
-        if f.kind == "object":
-            f.keys.append(f.key or "")
-            f.key = None
-        elif f.kind == "array":
-            f.count += 1
-        f.state = "done" if f.kind == "root" else "next"
+        _after_value(self.frames[-1])
 
 
 def _string_closed(text: str) -> bool:

@@ -135,10 +135,6 @@ def error_response(
     return JSONResponse(error_body(message, type, param, code), status_code=status)
 
 
-def request_error(e: RequestError) -> APIError:
-    return APIError(400, str(e), param=e.field)
-
-
 def _native_error(e: RequestError) -> APIError:
     """The engine's error in /generate's own names: its prompt field is ``text``."""
     field = e.field
