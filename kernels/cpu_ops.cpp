@@ -5,18 +5,22 @@
 // in its matmuls. Each op here replaces several of them and reads its input
 // once:
 //
-//   rms_norm(x, w, eps)                  -> y                  one pass per row
-//   add_rms_norm(residual!, delta, w, eps) -> y                residual += delta; y = norm(residual)
-//   rope_(qkv!, cos, sin, n_heads, head_dim)                   rotate the first n_heads heads in place
-//   store_kv(k, v, k_pool!, v_pool!, slots)                    k_pool[slots] = k; v_pool[slots] = v
+//   rms_norm(x, w, eps) -> y
+//       one pass per row
+//   add_rms_norm(residual!, delta, w, eps) -> y
+//       residual += delta; y = norm(residual)
+//   rope_(qkv!, cos, sin, n_heads, head_dim)
+//       rotate the first n_heads heads in place
+//   store_kv(k, v, k_pool!, v_pool!, slots)
+//       k_pool[slots] = k; v_pool[slots] = v
 //   decode_attention(q, k_pool, v_pool, table, rows, seq_lens, scale, window) -> o
-//                                                             one query token per sequence, K/V read
-//                                                             from the pool by slot (no gather)
-//   silu_mul(gate_up)                    -> silu(gate) * up
+//       one query token per sequence, K/V read from the pool by slot (no gather)
+//   silu_mul(gate_up) -> silu(gate) * up
 //
 // All take float32 CPU tensors whose rows may be strided (views into a fused
 // qkv or gate|up output) but whose last dimension is contiguous. The torch
-// reference of each op is in kernels/cpu.py beside this file; tests hold them equal.
+// reference of each op is in the plait.kernels package beside this file; tests hold
+// them equal.
 // Work is split over rows (or sequence x KV head) with at::parallel_for, so
 // it runs on torch's own thread pool.
 
@@ -88,12 +92,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   float* py = y.data_ptr<float>();
   const int64_t sx = x.stride(0);
   at::parallel_for(0, rows, kRowGrain, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) norm_row(px + r * sx, pw, py + r * n, n, static_cast<float>(eps));
+    for (int64_t r = b; r < e; ++r)
+      norm_row(px + r * sx, pw, py + r * n, n, static_cast<float>(eps));
   });
   return y;
 }
 
-at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at::Tensor& w, double eps) {
+at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at::Tensor& w,
+                        double eps) {
   check_rows(residual, "residual", 2);
   check_rows(delta, "delta", 2);
   check_rows(w, "w", 1);
@@ -124,16 +130,18 @@ at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at:
 //   x[i]     <- x[i] cos[i] - x[i + D/2] sin[i]
 //   x[i+D/2] <- x[i + D/2] cos[i + D/2] + x[i] sin[i + D/2]
 // cos/sin: one [D] row per token (the two halves hold the same values).
-void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads, int64_t head_dim) {
+void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads,
+           int64_t head_dim) {
   check_rows(qkv, "qkv", 2);
   check_writable_rows(qkv, "qkv");
   check_rows(cos, "cos", 2);
   check_rows(sin, "sin", 2);
   const int64_t T = qkv.size(0), D = head_dim, h = D / 2;
-  TORCH_CHECK(D % 2 == 0 && n_heads * D <= qkv.size(1), "plait_cpu: rope_ over ", n_heads, " heads of ",
-              D, " does not fit rows of ", qkv.size(1));
+  TORCH_CHECK(D % 2 == 0 && n_heads * D <= qkv.size(1), "plait_cpu: rope_ over ", n_heads,
+              " heads of ", D, " does not fit rows of ", qkv.size(1));
   TORCH_CHECK(cos.size(0) == T && cos.size(1) == D && sin.sizes() == cos.sizes(),
-              "plait_cpu: rope_ cos/sin ", cos.sizes(), " do not match ", T, " tokens of head_dim ", D);
+              "plait_cpu: rope_ cos/sin ", cos.sizes(), " do not match ", T, " tokens of head_dim ",
+              D);
   float* px = qkv.data_ptr<float>();
   const float *pc = cos.data_ptr<float>(), *ps = sin.data_ptr<float>();
   const int64_t sx = qkv.stride(0), sc = cos.stride(0), ss = sin.stride(0);
@@ -165,14 +173,15 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_pool, at::
   check_rows(k, "k", 3);
   check_rows(v, "v", 3);
   check_index(slots, "slots");
-  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == at::kFloat &&
-                  v_pool.scalar_type() == at::kFloat,
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  k_pool.scalar_type() == at::kFloat && v_pool.scalar_type() == at::kFloat,
               "plait_cpu: pools must be contiguous float32");
   const int64_t T = k.size(0), width = k.size(1) * k.size(2), n_slots = k_pool.size(0);
   TORCH_CHECK(v.sizes() == k.sizes() && slots.numel() == T && k_pool.numel() == n_slots * width &&
                   v_pool.sizes() == k_pool.sizes(),
               "plait_cpu: store_kv shapes do not match");
-  TORCH_CHECK(k.stride(1) == k.size(2) && v.stride(1) == v.size(2), "plait_cpu: k/v heads must be packed");
+  TORCH_CHECK(k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
+              "plait_cpu: k/v heads must be packed");
   const int64_t* ps = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(ps[t] >= 0 && ps[t] < n_slots, "plait_cpu: slot ", ps[t], " outside the pool");
@@ -214,7 +223,8 @@ Vec hsum8(const Vec* a) {
   __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
   __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
   __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit lane
-  return Vec(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+  return Vec(
+      _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
 }
 #endif
 
@@ -243,8 +253,8 @@ std::pair<float, float> softmax_numerators(float* sc, int64_t n) {
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                            const at::Tensor& table, const at::Tensor& rows, const at::Tensor& seq_lens,
-                            double scale, int64_t window) {
+                            const at::Tensor& table, const at::Tensor& rows,
+                            const at::Tensor& seq_lens, double scale, int64_t window) {
   check_rows(q, "q", 3);
   check_index(table, "table");
   check_index(rows, "rows");
@@ -259,7 +269,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   TORCH_CHECK(k_pool.size(2) == D && H % Hkv == 0, "plait_cpu: q heads ", H, "x", D,
               " do not group over pool heads ", Hkv, "x", k_pool.size(2));
   TORCH_CHECK(q.stride(1) == D, "plait_cpu: q heads must be packed");
-  TORCH_CHECK(rows.numel() == B && seq_lens.numel() == B, "plait_cpu: rows/seq_lens must have ", B, " entries");
+  TORCH_CHECK(rows.numel() == B && seq_lens.numel() == B, "plait_cpu: rows/seq_lens must have ", B,
+              " entries");
   const int64_t G = H / Hkv;
   const int64_t *prow = rows.data_ptr<int64_t>(), *plen = seq_lens.data_ptr<int64_t>();
   const int64_t* ptab = table.data_ptr<int64_t>();
@@ -268,18 +279,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   std::vector<int64_t> first(B), chunk_begin(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(prow[b] >= 0 && prow[b] < table.size(0) && plen[b] >= 1 && plen[b] <= ctx,
-                "plait_cpu: sequence ", b, " (row ", prow[b], ", length ", plen[b], ") is outside the table");
+                "plait_cpu: sequence ", b, " (row ", prow[b], ", length ", plen[b],
+                ") is outside the table");
     first[b] = window > 0 ? std::max<int64_t>(0, plen[b] - window) : 0;
     const int64_t* slot = ptab + prow[b] * ctx;
     for (int64_t i = first[b]; i < plen[b]; ++i)
-      TORCH_CHECK(slot[i] >= 0 && slot[i] < n_slots, "plait_cpu: slot ", slot[i], " outside the pool");
+      TORCH_CHECK(slot[i] >= 0 && slot[i] < n_slots, "plait_cpu: slot ", slot[i],
+                  " outside the pool");
     chunk_begin[b + 1] = chunk_begin[b] + (plen[b] - first[b] + kChunk - 1) / kChunk;
   }
   const int64_t n_chunks = chunk_begin[B];
   // Per (chunk, KV head, group member): unnormalised output [D], max and sum of exp.
   auto part = at::empty({n_chunks * H, D + 2}, q.options());
   float* ppart = part.data_ptr<float>();
-  const float *pq = q.data_ptr<float>(), *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
+  const float *pq = q.data_ptr<float>(), *kp = k_pool.data_ptr<float>(),
+              *vp = v_pool.data_ptr<float>();
   const int64_t sq = q.stride(0), srow = Hkv * D;
   const float fscale = static_cast<float>(scale);
 
@@ -287,7 +301,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
     std::vector<float> scores(G * kChunk);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t c = w / Hkv, kh = w % Hkv;
-      const int64_t b = std::upper_bound(chunk_begin.begin(), chunk_begin.end(), c) - chunk_begin.begin() - 1;
+      const int64_t b =
+          std::upper_bound(chunk_begin.begin(), chunk_begin.end(), c) - chunk_begin.begin() - 1;
       const int64_t lo = first[b] + (c - chunk_begin[b]) * kChunk;
       const int64_t n = std::min(kChunk, plen[b] - lo);
       const int64_t* slot = ptab + prow[b] * ctx + lo;
@@ -296,14 +311,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
 #ifdef PLAIT_HADD8
       // Eight positions at a time: eight dot-product accumulators, summed across in one go.
       for (; D % kVec == 0 && i + 8 <= n; i += 8) {
-        for (int64_t j = 0; j < 8; ++j) prefetch_row(kp + slot[std::min(i + 8 + j, n - 1)] * srow + kh * D, D);
+        for (int64_t j = 0; j < 8; ++j)
+          prefetch_row(kp + slot[std::min(i + 8 + j, n - 1)] * srow + kh * D, D);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qh + g * D;
           Vec acc[8];
           for (int64_t j = 0; j < 8; ++j) {
             const float* k = kp + slot[i + j] * srow + kh * D;
             Vec a(0.f);
-            for (int64_t d = 0; d < D; d += kVec) a = at::vec::fmadd(Vec::loadu(qg + d), Vec::loadu(k + d), a);
+            for (int64_t d = 0; d < D; d += kVec)
+              a = at::vec::fmadd(Vec::loadu(qg + d), Vec::loadu(k + d), a);
             acc[j] = a;
           }
           (hsum8(acc) * Vec(fscale)).store(scores.data() + g * n + i);
@@ -317,7 +334,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
           const float* qg = qh + g * D;
           Vec acc(0.f);
           int64_t d = 0;
-          for (; d + kVec <= D; d += kVec) acc = at::vec::fmadd(Vec::loadu(qg + d), Vec::loadu(k + d), acc);
+          for (; d + kVec <= D; d += kVec)
+            acc = at::vec::fmadd(Vec::loadu(qg + d), Vec::loadu(k + d), acc);
           float s = hsum(acc);
           for (; d < D; ++d) s += qg[d] * k[d];
           scores[g * n + i] = s * fscale;
@@ -407,12 +425,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 TORCH_LIBRARY(plait_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
-  m.def("add_rms_norm(Tensor(a!) residual, Tensor delta, Tensor w, float eps) -> Tensor", &add_rms_norm);
-  m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int n_heads, int head_dim) -> ()",
-        &rope_);
-  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()", &store_kv);
+  m.def("add_rms_norm(Tensor(a!) residual, Tensor delta, Tensor w, float eps) -> Tensor",
+        &add_rms_norm);
+  m.def("rope_(Tensor(a!) qkv, Tensor cos, Tensor sin, int n_heads, int head_dim) -> ()", &rope_);
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots) -> ()",
+        &store_kv);
   m.def(
-      "decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor rows, Tensor seq_lens, "
+      "decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor rows, Tensor "
+      "seq_lens, "
       "float scale, int window) -> Tensor",
       &decode_attention);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);

@@ -8,12 +8,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))  # make `import tiny_models` work everywhere
-
 from tiny_models import make_tiny_model, make_tokenizer  # noqa: E402
 
 
