@@ -10,8 +10,17 @@ import textwrap
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Libraries that cost seconds or pull in servers; none loads before it is needed.
-HEAVY = ("torch", "triton", "transformers", "llguidance", "outlines_core", "fastapi", "uvicorn")
-HEAVY += ("numpy", "PIL")
+HEAVY = (
+    "torch",
+    "triton",
+    "transformers",
+    "llguidance",
+    "outlines_core",
+    "fastapi",
+    "uvicorn",
+    "numpy",
+    "PIL",
+)
 # plait's own modules that only some commands need.
 LAZY_PLAIT = ("plait.runtime.server", "plait.bench")
 
