@@ -174,7 +174,7 @@ def _chat_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
     return tok.encode(text)
 
 
-WORKLOADS = {
+RUNS = {  # workload -> (function, sizes, --quick sizes)
     "few-shot": (
         few_shot,
         {"shots": 32, "questions": 64, "new_tokens": 16},
@@ -243,9 +243,9 @@ def main(args: argparse.Namespace) -> int:
     from plait.runtime.engine import Engine
 
     threads = set_threads(args.threads)
-    names = list(WORKLOADS) if args.workload == "prefix" else [args.workload]
+    names = list(RUNS) if args.workload == "prefix" else [args.workload]
     kwargs = engine_options(args, threads)
-    sizes = {name: dict(WORKLOADS[name][2 if args.quick else 1]) for name in names}
+    sizes = {name: dict(RUNS[name][2 if args.quick else 1]) for name in names}
     for item in filter(None, args.size.split(",")):
         key, _, value = item.partition("=")
         known = [s for s in sizes.values() if key in s]
@@ -264,15 +264,13 @@ def main(args: argparse.Namespace) -> int:
         engine.generate("warm up", {"max_new_tokens": 2})
         for name in names:
             engine.flush_cache()
-            runs[name][label] = WORKLOADS[name][0](tok, plait_backend(engine), sizes[name])
+            runs[name][label] = RUNS[name][0](tok, plait_backend(engine), sizes[name])
         engine.shutdown()
         del engine
     if not args.skip_hf:
         hf = load_hf_model(model_path)
         for name in names:
-            runs[name]["HF transformers"] = WORKLOADS[name][0](
-                tok, hf_backend(hf, tok), sizes[name]
-            )
+            runs[name]["HF transformers"] = RUNS[name][0](tok, hf_backend(hf, tok), sizes[name])
 
     print(f"model: {args.model} ({model_path})")
     print(f"torch threads: {threads}; device: {args.device or 'auto'}; greedy, ignore_eos")
