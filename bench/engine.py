@@ -79,6 +79,8 @@ def bench_plait(
 def bench_hf(
     model: Any, tok: Any, long_prompt: str, new_tokens: int, batch_tokens: int
 ) -> dict[str, float]:
+    import torch
+
     def gen(prompts: list[str], n: int) -> None:
         enc = tok(prompts, return_tensors="pt", padding=True)
         hf_generate(model, enc.input_ids, n, tok.pad_token_id, attention_mask=enc.attention_mask)
@@ -90,8 +92,6 @@ def bench_hf(
     r: dict[str, float] = {}
     r["single"] = new_tokens / timed(lambda: gen(["Once upon a time"], new_tokens))
     ids = tok(long_prompt, return_tensors="pt").input_ids
-    import torch
-
     with torch.inference_mode():
         r["prefill"] = ids.shape[1] / timed(lambda: model(ids))
     for bs in (8, 32):

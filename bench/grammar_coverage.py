@@ -246,7 +246,7 @@ def _generate_isolated(engine: Any, prompts: list[str], params: list[dict]) -> l
 def report_coverage(
     compiled: dict[str, dict[str, CompileStats]],
     generated: dict[str, tuple[list[GenResult], dict[str, float]]],
-    sizes: Any,
+    sizes: Any,  # the run's grammar.Sizes
     timeout: float,
     restarts: int,
 ) -> None:
