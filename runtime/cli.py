@@ -48,6 +48,31 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
+class _WorkloadParser(argparse.ArgumentParser):
+    """The parser of one ``plait bench`` workload. The workload's own flags come from
+    its module's ``add_arguments``, called when this parser is first used (to parse
+    or to print help), so building the command line imports no benchmark module."""
+
+    def __init__(self, *args, workload: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending: str | None = workload
+
+    def _add_workload_arguments(self) -> None:
+        if self._pending is not None:
+            from plait.bench import load
+
+            name, self._pending = self._pending, None
+            load(name).add_arguments(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_workload_arguments()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._add_workload_arguments()
+        return super().format_help()
+
+
 # ---- options --------------------------------------------------------------------------------
 
 
@@ -224,33 +249,9 @@ def _serve(a: argparse.Namespace) -> int:
 
 
 def _bench(a: argparse.Namespace) -> int:
-    if a.workload == "engine":
-        from plait.runtime import bench
+    from plait.bench import load
 
-        return bench.main(a)
-    if a.workload == "programs":
-        from plait import bench_programs
-
-        return bench_programs.main(a)
-    if a.workload == "server":
-        from plait.runtime.server import bench as bench_server
-
-        return bench_server.main(a)
-    if a.workload == "memory":
-        from plait.runtime import bench_memory
-
-        return bench_memory.main(a)
-    if a.workload == "kernels":
-        from plait.runtime import bench_kernels
-
-        return bench_kernels.main(a)
-    if a.workload == "grammar":
-        from plait.runtime import bench_grammar
-
-        return bench_grammar.main(a)
-    from plait.runtime import bench_prefix
-
-    return bench_prefix.main(a)
+    return load(a.workload).main(a)
 
 
 # ---- the parser -----------------------------------------------------------------------------
@@ -369,37 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.set_defaults(func=_serve)
 
-    b = command("bench", "benchmarks against HF transformers and peers")
-    b.add_argument(
-        "workload",
-        choices=[
-            "engine",
-            "few-shot",
-            "multi-turn",
-            "fork",
-            "prefix",
-            "grammar",
-            "programs",
-            "server",
-            "kernels",
-            "memory",
-        ],
-        help="engine: raw speed; few-shot, multi-turn, fork: prefix reuse; prefix: all three; "
-        "grammar: constrained decoding; programs: DSL programs; server: HTTP serving; "
-        "kernels: the fused CPU kernels against the torch ops they replace; "
-        "memory: resident memory under a steady chat load",
-    )
-    _engine_args(b)
-    b.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
-    b.add_argument("--skip-hf", action="store_true", help="measure plait only")
-    b.add_argument(
-        "--size",
-        default="",
-        help="few-shot/multi-turn/fork: override workload sizes, e.g. sessions=1,turns=8",
-    )
-    from plait.runtime.bench_grammar import add_arguments as add_grammar_arguments
+    from plait.bench import WORKLOADS  # the table only: no benchmark module is imported
 
-    add_grammar_arguments(b)
+    b = command("bench", "benchmarks against HF transformers and peers")
+    workloads = b.add_subparsers(
+        dest="workload", required=True, metavar="WORKLOAD", parser_class=_WorkloadParser
+    )
+    for name, workload in WORKLOADS.items():
+        w = workloads.add_parser(
+            name,
+            help=workload.help,
+            description=workload.help,
+            parents=[common],
+            formatter_class=_HelpFormatter,
+            workload=name,
+        )
+        _engine_args(w)
+        w.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
+        w.add_argument("--skip-hf", action="store_true", help="measure plait only")
     b.set_defaults(func=_bench)
     return parser
 

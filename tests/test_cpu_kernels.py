@@ -159,9 +159,9 @@ def test_a_failed_build_falls_back_to_the_torch_ops(ops, monkeypatch, tmp_path):
 def test_bench_kernels_prints_every_op(ops, monkeypatch, capsys):
     import argparse
 
-    from plait.runtime import bench_kernels
+    from plait.bench import kernels as bench_kernels
 
-    monkeypatch.setattr(bench_kernels, "_time_us", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench_kernels, "time_us", lambda fn: (fn(), 1.0)[1])
     assert bench_kernels.main(argparse.Namespace(threads=torch.get_num_threads())) == 0
     out = capsys.readouterr().out
     assert out.count("decode attention") == 4 and out.count("rms_norm") == 2

@@ -228,14 +228,6 @@ class LlamaFamilyModel(nn.Module):
             h = layer(x, h, cos, sin, attn, ops, next_norm)
         return h
 
-    def matmul_params(self) -> int:
-        """Weights multiplied per token (every Linear; the embedding is only a lookup)."""
-        return sum(
-            m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
-            for m in self.modules()
-            if isinstance(m, Linear)
-        )
-
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in fp32 for the given hidden rows."""

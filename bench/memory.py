@@ -18,24 +18,19 @@ import subprocess
 import sys
 import time
 
-import torch
+from plait.bench.common import rss_mib, set_threads
 
+WORKLOADS = {"memory": "resident memory under a steady chat load"}
 ORDERS = ("lifo", "fifo")
 ROUNDS = 4
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _child(order: str, model: str, threads: int, quick: bool) -> dict:
+    import torch
+
+    from plait.bench.server import run_engine
     from plait.runtime import kv_pool
     from plait.runtime.engine import Engine
-    from plait.runtime.server.bench import run_engine
 
     if order == "fifo":  # the order plait used before: freed slots go to the back
 
@@ -44,7 +39,7 @@ def _child(order: str, model: str, threads: int, quick: bool) -> dict:
                 self._free = torch.cat([self._free, slots.to(torch.int64)])
 
         kv_pool.SlotAllocator.free = free_fifo
-    torch.set_num_threads(threads)
+    set_threads(threads)
     engine = Engine(model=model, num_threads=threads)
     touched: set[int] = set()
     real_alloc = engine.scheduler.allocator.alloc
@@ -56,15 +51,15 @@ def _child(order: str, model: str, threads: int, quick: bool) -> dict:
 
     engine.scheduler.allocator.alloc = alloc
     clients, turns, max_tokens = (8, 2, 8) if quick else (32, 4, 32)
-    loaded = _rss_mib()
+    loaded = rss_mib()
     seconds, tokens = 0.0, 0
     for _ in range(ROUNDS):
         _, s, t = run_engine(engine, clients, turns, max_tokens)
         seconds, tokens = seconds + s, tokens + t
         engine.flush_cache()
-    after = _rss_mib()
+    after = rss_mib()
     time.sleep(2)
-    idle = _rss_mib()
+    idle = rss_mib()
     stats = engine.get_stats()
     engine.shutdown()
     return {
@@ -80,11 +75,15 @@ def _child(order: str, model: str, threads: int, quick: bool) -> dict:
     }
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The memory bench has no flags beyond the shared ones."""
+
+
 def main(args: argparse.Namespace) -> int:
-    threads = args.threads or torch.get_num_threads()
+    threads = set_threads(args.threads)  # and each child process sets it again
     rows = []
     for order in ORDERS:
-        cmd = [sys.executable, "-m", "plait.runtime.bench_memory", order, args.model, str(threads)]
+        cmd = [sys.executable, "-m", "plait.bench.memory", order, args.model, str(threads)]
         if args.quick:
             cmd.append("--quick")
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

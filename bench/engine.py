@@ -9,11 +9,19 @@ the plait runs (measured before HF is loaded) against the KV budget.
 from __future__ import annotations
 
 import argparse
-import resource
-import time
 from typing import Any
 
-import torch
+from plait.bench.common import (
+    engine_options,
+    hf_generate,
+    load_hf_model,
+    load_hf_tokenizer,
+    peak_rss_mb,
+    set_threads,
+    timed,
+)
+
+WORKLOADS = {"engine": "raw speed: decode, prefill and batched decode against HF transformers"}
 
 STORY = (
     "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps "
@@ -31,25 +39,18 @@ TOPICS = [
 ]
 
 
-def engine_options(args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """The Engine options every benchmark takes from its command line."""
-    return {
-        "device": args.device,
-        "dtype": args.dtype,
-        "num_threads": threads,
-        "max_total_tokens": args.max_total_tokens,
-        "kv_cache_memory_gb": args.kv_cache_memory_gb,
-    }
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine bench has no flags beyond the shared ones."""
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def matmul_params(model: Any) -> int:
+    """Weights multiplied per token: every linear layer (weight and bias) of ``model``;
+    the embedding is only a lookup."""
+    return sum(
+        m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+        for m in model.modules()
+        if hasattr(m, "in_features") and hasattr(m, "out_features")
+    )
 
 
 def _prompts(n: int) -> list[str]:
@@ -62,15 +63,13 @@ def bench_plait(
     greedy = {"temperature": 0, "ignore_eos": True}
     engine.generate("warm up", {**greedy, "max_new_tokens": 4})
     r: dict[str, float] = {}
-    t = _timed(
-        lambda: engine.generate("Once upon a time", {**greedy, "max_new_tokens": new_tokens})
-    )
+    t = timed(lambda: engine.generate("Once upon a time", {**greedy, "max_new_tokens": new_tokens}))
     r["single"] = new_tokens / t
     n_long = len(engine.tokenizer.encode(long_prompt))
-    t = _timed(lambda: engine.generate(long_prompt, {**greedy, "max_new_tokens": 1}))
+    t = timed(lambda: engine.generate(long_prompt, {**greedy, "max_new_tokens": 1}))
     r["prefill"] = n_long / t
     for bs in (8, 32):
-        t = _timed(
+        t = timed(
             lambda bs=bs: engine.generate(_prompts(bs), {**greedy, "max_new_tokens": batch_tokens})
         )
         r[f"batch{bs}"] = bs * batch_tokens / t
@@ -80,43 +79,38 @@ def bench_plait(
 def bench_hf(
     model: Any, tok: Any, long_prompt: str, new_tokens: int, batch_tokens: int
 ) -> dict[str, float]:
+    import torch
+
     def gen(prompts: list[str], n: int) -> None:
         enc = tok(prompts, return_tensors="pt", padding=True)
-        model.generate(
-            **enc,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-        )
+        hf_generate(model, enc.input_ids, n, tok.pad_token_id, attention_mask=enc.attention_mask)
 
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     gen(["warm up"], 4)
     r: dict[str, float] = {}
-    r["single"] = new_tokens / _timed(lambda: gen(["Once upon a time"], new_tokens))
+    r["single"] = new_tokens / timed(lambda: gen(["Once upon a time"], new_tokens))
     ids = tok(long_prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
-        r["prefill"] = ids.shape[1] / _timed(lambda: model(ids))
+        r["prefill"] = ids.shape[1] / timed(lambda: model(ids))
     for bs in (8, 32):
-        r[f"batch{bs}"] = bs * batch_tokens / _timed(lambda bs=bs: gen(_prompts(bs), batch_tokens))
+        r[f"batch{bs}"] = bs * batch_tokens / timed(lambda bs=bs: gen(_prompts(bs), batch_tokens))
     return r
 
 
 def main(args: argparse.Namespace) -> int:
     from plait.runtime.engine import Engine
 
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    threads = set_threads(args.threads)
     new_tokens, batch_tokens = (16, 8) if args.quick else (128, 64)
     kwargs = engine_options(args, threads)
     engine = Engine(model=args.model, **kwargs)
-    params = engine.runner.model.matmul_params()
+    params = matmul_params(engine.runner.model)
     long_prompt = STORY * max(1, 1024 // len(engine.tokenizer.encode(STORY)))
     kv_mb = engine.runner.kv_pool.nbytes / 2**20
     plait_r = bench_plait(engine, long_prompt, new_tokens, batch_tokens)
-    rss = _peak_rss_mb()
+    rss = peak_rss_mb()
     model_path = engine.source.model_path
     engine.shutdown()
     del engine
@@ -131,10 +125,8 @@ def main(args: argparse.Namespace) -> int:
     )
     hf_r: dict[str, float] | None = None
     if not args.skip_hf:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(model_path)
+        hf = load_hf_model(model_path)
+        tok = load_hf_tokenizer(model_path)
         hf_r = bench_hf(hf, tok, long_prompt, new_tokens, batch_tokens)
     labels = {
         "single": "single-stream decode tok/s",
@@ -159,21 +151,25 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def gemm_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, reps: int = 5) -> float:
-    """Best-of-``reps`` throughput of a square matmul: what this CPU's cores can do."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+def gemm_gflops(size: int = 2048, reps: int = 5) -> float:
+    """Best-of-``reps`` throughput of a square fp32 matmul: what this CPU's cores can do."""
+    import torch
+
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    best = min(timed(lambda: a @ b) for _ in range(reps))
     return 2 * size**3 / best / 1e9
 
 
 def read_gbps(mib: int = 512, reps: int = 3) -> float:
     """Best-of-``reps`` rate of summing a tensor far larger than the caches: the
     memory bandwidth one decode step can use to read the weights."""
+    import torch
+
     x = torch.ones(mib * 2**20 // 4)
     x.sum()
-    best = min(_timed(x.sum) for _ in range(reps))
+    best = min(timed(x.sum) for _ in range(reps))
     return x.numel() * 4 / best / 1e9
 
 

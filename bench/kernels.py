@@ -11,28 +11,21 @@ contiguous, sequences interleave.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
+from plait.bench.common import set_threads, time_us
 
-from plait.kernels import cpu
+WORKLOADS = {"kernels": "the fused CPU kernels against the torch ops they replace"}
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 576, 9, 3, 64, 1536
 
 
-def _time_us(fn: Callable[[], object], min_seconds: float = 0.3) -> float:
-    for _ in range(3):
-        fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n * 1e6
-
-
 def _attention_case(batch: int, seq: int) -> tuple[Callable[[], object], Callable[[], object]]:
+    import torch
+    import torch.nn.functional as F
+
+    from plait.kernels import cpu
+
     slots = batch * seq + 1
     k_pool = torch.randn(slots, KV_HEADS, HEAD_DIM)
     v_pool = torch.randn(slots, KV_HEADS, HEAD_DIM)
@@ -57,6 +50,10 @@ def _attention_case(batch: int, seq: int) -> tuple[Callable[[], object], Callabl
 
 
 def _glue_cases(rows: int) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    import torch
+
+    from plait.kernels import cpu
+
     ops = cpu.compiled()
     x, delta, w = torch.randn(rows, HIDDEN), torch.randn(rows, HIDDEN), torch.rand(HIDDEN)
     qkv = torch.randn(rows, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
@@ -75,9 +72,14 @@ def _glue_cases(rows: int) -> dict[str, tuple[Callable[[], object], Callable[[],
     }
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The kernels bench has no flags beyond the shared ones."""
+
+
 def main(args: argparse.Namespace) -> int:
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    from plait.kernels import cpu
+
+    threads = set_threads(args.threads)
     if not cpu.load():
         print(f"plait CPU kernels unavailable: {cpu.load_error()}")
         return 1
@@ -85,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{'op':<34}{'fused us':>10}{'torch us':>10}{'speed-up':>10}")
 
     def row(name: str, fused: Callable[[], object], ref: Callable[[], object]) -> None:
-        a, b = _time_us(fused), _time_us(ref)
+        a, b = time_us(fused), time_us(ref)
         print(f"{name:<34}{a:>10.1f}{b:>10.1f}{b / a:>9.2f}x")
 
     for rows in (1, 32):

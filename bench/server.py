@@ -22,7 +22,10 @@ import time
 from typing import Any
 
 import httpx
-import torch
+
+from plait.bench.common import engine_options, set_threads
+
+WORKLOADS = {"server": "HTTP serving: concurrent chat clients against plait serve and in-process"}
 
 SYSTEM = (
     "You are the assistant of a logistics company. You answer questions from warehouse "
@@ -107,10 +110,14 @@ def run_engine(engine: Any, clients: int, turns: int, max_tokens: int):
     return latencies, time.perf_counter() - t0, tokens
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server bench has no flags beyond the shared ones."""
+
+
 def main(args: argparse.Namespace) -> int:
     from plait.runtime.engine import Engine
 
-    threads = args.threads or torch.get_num_threads()
+    threads = set_threads(args.threads)
     clients, turns, max_tokens = (8, 2, 8) if args.quick else (32, 4, 32)
     port = 30000 + os.getpid() % 20000
     cmd = [
@@ -146,8 +153,7 @@ def main(args: argparse.Namespace) -> int:
         server.terminate()
         server.wait(60)
 
-    torch.set_num_threads(threads)
-    engine = Engine(model=args.model, num_threads=threads)
+    engine = Engine(model=args.model, **engine_options(args, threads))
     run_engine(engine, 2, 1, 2)
     local = run_engine(engine, clients, turns, max_tokens)
     engine.shutdown()

@@ -4,9 +4,9 @@ Standalone on purpose: it runs under a *separate* Python environment (the
 peers pin other releases of llguidance / outlines-core than plait does), so it
 imports neither plait nor anything from this repository::
 
-    /tmp/peer-venv/bin/python runtime/bench_grammar_peer.py SPEC.json
+    /tmp/peer-venv/bin/python bench/grammar_peer_child.py SPEC.json
 
-``SPEC.json`` (written by bench_grammar.py) names the model directory (HF
+``SPEC.json`` (written by grammar_peer.py) names the model directory (HF
 safetensors), the thread count, the prompts of each workload (chat template
 already applied; a distinct prompt per call, so no runtime can replay a cached
 whole prompt), the JSON schema, the choices and ``max_new_tokens`` per

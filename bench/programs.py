@@ -21,10 +21,11 @@ import threading
 import time
 from typing import Any
 
-import torch
-
 import plait as pl
 from plait.backend import EngineBackend
+from plait.bench.common import engine_options, hf_generate, load_hf_model, set_threads
+
+WORKLOADS = {"programs": "DSL programs (run_batch) against HF one by one and the null cache"}
 
 LOREM = (
     "The report covers the quarterly figures of the northern warehouse, the delays at the "
@@ -92,24 +93,23 @@ def run_plait(engine: Any, program: Any, args: list[dict]) -> tuple[float, Recor
 
 
 def run_hf(model: Any, tokenizer: Any, calls: list[tuple[str, int]]) -> float:
+    import torch
+
     t0 = time.perf_counter()
     with torch.inference_mode():
         for text, n in calls:
             ids = torch.tensor([tokenizer.encode(text)])
-            model.generate(
-                ids,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=tokenizer.eos_token_id,
-            )
+            hf_generate(model, ids, n, tokenizer.eos_token_id)
     return time.perf_counter() - t0
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The programs bench has no flags beyond the shared ones."""
+
+
 def main(args: argparse.Namespace) -> int:
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    kwargs = {"device": args.device, "dtype": args.dtype, "num_threads": threads}
+    threads = set_threads(args.threads)
+    kwargs = engine_options(args, threads)
     quick = args.quick
     workloads = {
         "few-shot (64 x ~1k-token prefix, 16 tokens)": few_shot_program(16 if quick else 32),
@@ -130,9 +130,7 @@ def main(args: argparse.Namespace) -> int:
         model_path, tokenizer = engine.source.model_path, engine.tokenizer
         engine.shutdown()
     if not args.skip_hf:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        hf = load_hf_model(model_path)
         for name in workloads:
             results[name]["HF one by one"] = run_hf(hf, tokenizer, calls[name])
 

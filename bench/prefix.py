@@ -27,9 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from plait.bench.common import engine_options, hf_generate, load_hf_model, set_threads
 
-from plait.runtime.bench import engine_options
+WORKLOADS = {
+    "few-shot": "prefix reuse: questions after one shared ~1k-token few-shot prefix",
+    "multi-turn": "prefix reuse: chats advancing together turn by turn",
+    "fork": "prefix reuse: a tree of thought, each level one batch",
+    "prefix": "prefix reuse: few-shot, multi-turn and fork in one run",
+}
 
 
 @dataclass
@@ -169,7 +174,7 @@ def _chat_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
     return tok.encode(text)
 
 
-WORKLOADS = {
+RUNS = {  # workload -> (function, sizes, --quick sizes)
     "few-shot": (
         few_shot,
         {"shots": 32, "questions": 64, "new_tokens": 16},
@@ -204,6 +209,8 @@ def plait_backend(engine: Any) -> Generate:
 
 
 def hf_backend(model: Any, tok: Any) -> Generate:
+    import torch
+
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def generate(prompts: list[list[int]], n: int) -> list[Result]:
@@ -211,14 +218,7 @@ def hf_backend(model: Any, tok: Any) -> Generate:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=pad,
-            )
+            out = hf_generate(model, ids, n, pad, attention_mask=mask)
         results = []
         for p, row in zip(prompts, out[:, width:].tolist()):
             results.append(Result(p, row, tok.decode(row, skip_special_tokens=True)))
@@ -230,14 +230,22 @@ def hf_backend(model: Any, tok: Any) -> Generate:
 # ---- driver ------------------------------------------------------------------------------
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``plait bench few-shot|multi-turn|fork|prefix``."""
+    parser.add_argument(
+        "--size",
+        default="",
+        help="override workload sizes, e.g. sessions=1,turns=8",
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     from plait.runtime.engine import Engine
 
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    names = list(WORKLOADS) if args.workload == "prefix" else [args.workload]
+    threads = set_threads(args.threads)
+    names = list(RUNS) if args.workload == "prefix" else [args.workload]
     kwargs = engine_options(args, threads)
-    sizes = {name: dict(WORKLOADS[name][2 if args.quick else 1]) for name in names}
+    sizes = {name: dict(RUNS[name][2 if args.quick else 1]) for name in names}
     for item in filter(None, args.size.split(",")):
         key, _, value = item.partition("=")
         known = [s for s in sizes.values() if key in s]
@@ -256,17 +264,13 @@ def main(args: argparse.Namespace) -> int:
         engine.generate("warm up", {"max_new_tokens": 2})
         for name in names:
             engine.flush_cache()
-            runs[name][label] = WORKLOADS[name][0](tok, plait_backend(engine), sizes[name])
+            runs[name][label] = RUNS[name][0](tok, plait_backend(engine), sizes[name])
         engine.shutdown()
         del engine
     if not args.skip_hf:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        hf = load_hf_model(model_path)
         for name in names:
-            runs[name]["HF transformers"] = WORKLOADS[name][0](
-                tok, hf_backend(hf, tok), sizes[name]
-            )
+            runs[name]["HF transformers"] = RUNS[name][0](tok, hf_backend(hf, tok), sizes[name])
 
     print(f"model: {args.model} ({model_path})")
     print(f"torch threads: {threads}; device: {args.device or 'auto'}; greedy, ignore_eos")

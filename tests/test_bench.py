@@ -1,0 +1,146 @@
+"""The benchmark package ``plait.bench``: a registry of workloads that ``plait bench``
+reads without importing any benchmark, modules that each export their names, help,
+flags and ``main``, and the helpers they share."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from plait.bench import WORKLOADS, load
+from plait.bench.common import engine_options
+from plait.runtime import cli
+
+EVERY_WORKLOAD = [
+    "engine",
+    "few-shot",
+    "multi-turn",
+    "fork",
+    "prefix",
+    "grammar",
+    "programs",
+    "server",
+    "kernels",
+    "memory",
+]
+
+
+def test_the_registry_names_every_workload():
+    assert list(WORKLOADS) == EVERY_WORKLOAD
+
+
+def test_bench_help_lists_every_workload_with_its_help(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "300")  # one line per workload
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--help"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, workload in WORKLOADS.items():
+        assert any(line.split() == [name, *workload.help.split()] for line in lines), name
+
+
+@pytest.mark.parametrize("name", EVERY_WORKLOAD)
+def test_each_workload_module_exports_its_name_help_flags_and_main(name):
+    module = importlib.import_module(WORKLOADS[name].module)
+    assert load(name) is module
+    assert module.WORKLOADS[name] == WORKLOADS[name].help
+    assert callable(module.add_arguments) and callable(module.main)
+
+
+def test_an_unknown_workload_is_named():
+    with pytest.raises(ValueError, match="workload='nope': known: \\['engine'"):
+        load("nope")
+
+
+def test_generate_and_serve_import_no_benchmark_module():
+    code = (
+        "import sys\n"
+        "from plait.runtime import cli\n"
+        "for argv in (['generate', 'hi'], ['serve']):\n"
+        "    cli.check_args(cli.build_parser().parse_args(argv))\n"
+        "from plait.runtime.engine import Engine  # what _generate imports\n"
+        "from plait.runtime.server import ServerConfig, serve  # what _serve imports\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('plait.bench.'))\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_importing_a_benchmark_imports_neither_torch_nor_the_engine():
+    """Parsing ``plait bench WORKLOAD ...`` imports the workload's module for its flags;
+    the module loads torch and the engine only when it runs."""
+    code = (
+        "import sys\n"
+        "from plait.bench import WORKLOADS, load\n"
+        "for name in WORKLOADS:\n"
+        "    load(name)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'plait.runtime.engine') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["grammar", "--sections", "overhead,jump", "--threads", "2"],
+            {"sections": "overhead,jump", "threads": 2, "quick": False, "seed": 0},
+        ),
+        (["prefix", "--threads", "2"], {"threads": 2, "size": ""}),
+        (["multi-turn", "--size", "sessions=1,turns=8"], {"size": "sessions=1,turns=8"}),
+        (["engine", "--quick", "--skip-hf"], {"quick": True, "skip_hf": True, "model": "smollm2"}),
+        (["kernels", "--threads", "2"], {"threads": 2}),
+    ],
+    ids=["grammar", "prefix", "multi-turn", "engine", "kernels"],
+)
+def test_the_command_lines_of_each_workload_parse(argv, expected):
+    args = cli.build_parser().parse_args(["bench", *argv])
+    assert args.command == "bench" and args.workload == argv[0]
+    assert {key: getattr(args, key) for key in expected} == expected
+
+
+def test_a_workload_takes_only_its_own_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "engine", "--sections", "overhead"])
+    assert "unrecognized arguments: --sections overhead" in capsys.readouterr().err
+
+
+def test_a_workloads_help_shows_its_own_flags(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "grammar", "--help"])
+    out = capsys.readouterr().out
+    assert "--sections SECTIONS" in out and "--peer-python" in out and "--threads" in out
+
+
+def test_engine_options_come_from_the_engine_flags():
+    from plait.runtime.config import EngineConfig
+
+    args = cli.build_parser().parse_args(
+        ["bench", "engine", "--threads", "3", "--kv-cache-memory-gb", "0.5", "--dtype", "fp32"]
+    )
+    options = engine_options(args, 3, disable_radix_cache=True)
+    assert options["num_threads"] == 3
+    assert options["kv_cache_memory_gb"] == 0.5
+    assert options["dtype"] == "fp32"
+    assert options["device"] is None and options["max_total_tokens"] is None
+    assert options["disable_radix_cache"] is True
+    assert "log_level" not in options and "model" not in options
+    EngineConfig(model=args.model, **options)  # every key is an Engine option
+
+
+def test_matmul_params_counts_every_linear_weight_and_bias_but_not_the_embedding():
+    import torch
+
+    from plait.bench.engine import matmul_params
+
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(100, 8),
+        torch.nn.Linear(8, 16),  # 128 + 16
+        torch.nn.Linear(16, 4, bias=False),  # 64
+    )
+    assert matmul_params(model) == 8 * 16 + 16 + 16 * 4
