@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from plait import kernels
 from plait.kernels import cpu
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 576, 9, 3, 64, 1536
@@ -65,13 +66,13 @@ def _glue_cases(rows: int) -> dict[str, tuple[Callable[[], object], Callable[[],
     return {
         "add + rms_norm": (
             lambda: ops.add_rms_norm(x, delta, w, 1e-5),
-            lambda: cpu.add_rms_norm_ref(x, delta, w, 1e-5),
+            lambda: kernels.add_rms_norm_ref(x, delta, w, 1e-5),
         ),
         "rope (q and k heads)": (
             lambda: ops.rope_(qkv, cos, sin, HEADS + KV_HEADS, HEAD_DIM),
-            lambda: cpu.rope_ref_(qkv, cos, sin, HEADS + KV_HEADS, HEAD_DIM),
+            lambda: kernels.rope_ref_(qkv, cos, sin, HEADS + KV_HEADS, HEAD_DIM),
         ),
-        "silu(gate) * up": (lambda: ops.silu_mul(gate_up), lambda: cpu.silu_mul_ref(gate_up)),
+        "silu(gate) * up": (lambda: ops.silu_mul(gate_up), lambda: kernels.silu_mul_ref(gate_up)),
     }
 
 
