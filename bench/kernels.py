@@ -52,6 +52,7 @@ def _attention_case(batch: int, seq: int) -> tuple[Callable[[], object], Callabl
 def _glue_cases(rows: int) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     import torch
 
+    from plait import kernels
     from plait.kernels import cpu
 
     ops = cpu.compiled()
@@ -62,13 +63,13 @@ def _glue_cases(rows: int) -> dict[str, tuple[Callable[[], object], Callable[[],
     return {
         "add + rms_norm": (
             lambda: ops.add_rms_norm(x, delta, w, 1e-5),
-            lambda: cpu.add_rms_norm_ref(x, delta, w, 1e-5),
+            lambda: kernels.add_rms_norm_ref(x, delta, w, 1e-5),
         ),
         "rope (q and k heads)": (
             lambda: ops.rope_(qkv, cos, sin, HEADS + KV_HEADS, HEAD_DIM),
-            lambda: cpu.rope_ref_(qkv, cos, sin, HEADS + KV_HEADS, HEAD_DIM),
+            lambda: kernels.rope_ref_(qkv, cos, sin, HEADS + KV_HEADS, HEAD_DIM),
         ),
-        "silu(gate) * up": (lambda: ops.silu_mul(gate_up), lambda: cpu.silu_mul_ref(gate_up)),
+        "silu(gate) * up": (lambda: ops.silu_mul(gate_up), lambda: kernels.silu_mul_ref(gate_up)),
     }
 
 

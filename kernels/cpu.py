@@ -1,20 +1,11 @@
-"""Fused CPU kernels for the decoder-layer glue, each beside its torch reference.
+"""The CPU provider of plait.kernels: fused C++ kernels for the decoder-layer glue.
 
 ``cpu_ops.cpp`` (beside this file) is built once per machine with torch's C++
 extension tooling into ``<plait cache dir>/kernels/`` and registers its ops
-as ``torch.ops.plait_cpu.*``. ``kernel_set(device, dtype)`` picks, once per
-model, either those ops (CPU, float32) or the torch references below, which
-run anywhere and are what the tests hold the kernels to. ``PLAIT_CPU_KERNELS=0``
-keeps the references.
-
-    rms_norm(x, w, eps) -> y
-    add_rms_norm(residual, delta, w, eps) -> y   residual += delta, y = norm(residual)
-    rope_(qkv, cos, sin, n_heads, head_dim)      rotate the first n_heads heads in place
-    silu_mul(gate_up) -> silu(gate) * up
-    store_kv(k, v, k_pool, v_pool, slots)        write new K/V rows into the pool
-    decode_attention(q, k_pool, v_pool, table, rows, seq_lens, scale, window) -> o
-
-``cos``/``sin`` are per-token rows [T, head_dim] (see RotaryEmbedding).
+as ``torch.ops.plait_cpu.*``, one for each op of ``plait.kernels.KernelSet``.
+``provide(dtype)`` gives them for float32 (``plait.kernels.kernel_set`` asks it
+for CPU models unless ``PLAIT_CPU_KERNELS=0``); the torch references in
+``plait.kernels`` are what the tests hold them to.
 """
 
 from __future__ import annotations
@@ -28,11 +19,11 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from plait import switches
+from plait.kernels import KernelSet, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -41,76 +32,6 @@ _lock = threading.Lock()
 _BUILD_NOTICE_AFTER_S = 1.0  # a load slower than this is a build, and is announced
 _loaded: bool | None = None
 _load_error: str | None = None
-
-
-# ---- torch references -------------------------------------------------------------------------
-
-
-def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return w * y.to(x.dtype)
-
-
-def add_rms_norm_ref(
-    residual: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float
-) -> torch.Tensor:
-    residual.add_(delta)
-    return rms_norm_ref(residual, w, eps)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the "rotate half" layout; x [..., D], cos/sin broadcast to it."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def rope_ref_(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, head_dim: int
-) -> None:
-    x = qkv[:, : n_heads * head_dim].view(qkv.shape[0], n_heads, head_dim)
-    x.copy_(rotate(x, cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)))
-
-
-def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def store_kv_ref(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    slots: torch.Tensor,
-) -> None:
-    k_pool[slots] = k
-    v_pool[slots] = v
-
-
-def decode_attention_ref(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    table: torch.Tensor,
-    rows: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    window: int,
-) -> torch.Tensor:
-    """One query token per sequence over its slots in the table: the plain loop."""
-    B, H, D = q.shape
-    out = q.new_empty(B, H * D)
-    for b in range(B):
-        n = int(seq_lens[b])
-        slots = table[rows[b], max(0, n - window) if window > 0 else 0 : n]
-        keys, vals = k_pool[slots].transpose(0, 1), v_pool[slots].transpose(0, 1)  # [Hkv, n, D]
-        o = F.scaled_dot_product_attention(
-            q[b][:, None, :], keys, vals, scale=scale, enable_gqa=keys.shape[0] != H
-        )
-        out[b] = o.reshape(H * D)
-    return out
 
 
 # ---- the compiled ops --------------------------------------------------------------------------
@@ -141,15 +62,13 @@ def _build() -> tuple[pathlib.Path, str]:
     """Compile (or find compiled) and load the library; returns its build dir and SIMD level."""
     from torch.utils import cpp_extension
 
-    from plait.runtime.loader import default_cache_dir
-
     cap, cap_flags = _capability_flags()
     cflags = ["-O3", "-fopenmp", *cap_flags]
     # One build per (source, flags, torch, python): an edited source never meets a stale .so.
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
     py = f"py{sys.version_info[0]}{sys.version_info[1]}"
     build_dir = (
-        default_cache_dir()
+        switches.cache_dir()
         / "kernels"
         / f"torch{torch.__version__.split('+')[0]}-{py}-{cap}-{digest}"
     )
@@ -212,7 +131,6 @@ def load() -> bool:
             build_dir, cap = _build()
         except Exception as e:  # a missing compiler or source surfaces as several exception types
             _load_error = f"{type(e).__name__}: {e}".strip()[:2000]
-            logger.warning("plait CPU kernels unavailable, using torch ops: %s", _load_error)
             _loaded = False
             return False
         logger.info(
@@ -224,30 +142,6 @@ def load() -> bool:
 
 def load_error() -> str | None:
     return _load_error
-
-
-@dataclass(frozen=True)
-class KernelSet:
-    """The glue ops one model uses; ``fused`` says whether they are the compiled ones."""
-
-    fused: bool
-    rms_norm: Callable[..., torch.Tensor]
-    add_rms_norm: Callable[..., torch.Tensor]
-    rope_: Callable[..., None]
-    silu_mul: Callable[..., torch.Tensor]
-    store_kv: Callable[..., None]
-    decode_attention: Callable[..., torch.Tensor]
-
-
-REFERENCE = KernelSet(
-    fused=False,
-    rms_norm=rms_norm_ref,
-    add_rms_norm=add_rms_norm_ref,
-    rope_=rope_ref_,
-    silu_mul=silu_mul_ref,
-    store_kv=store_kv_ref,
-    decode_attention=decode_attention_ref,
-)
 
 
 def compiled() -> KernelSet:
@@ -266,13 +160,10 @@ def compiled() -> KernelSet:
     )
 
 
-def kernel_set(device: torch.device, dtype: torch.dtype) -> KernelSet:
-    """The compiled ops for float32 on CPU when they build, else the torch references."""
-    if (
-        torch.device(device).type == "cpu"
-        and dtype == torch.float32
-        and os.environ.get("PLAIT_CPU_KERNELS", "1") != "0"
-        and load()
-    ):
-        return compiled()
-    return REFERENCE
+def provide(dtype: torch.dtype) -> KernelSet:
+    """The compiled ops for float32 (the provider entry ``plait.kernels.kernel_set`` calls)."""
+    if dtype != torch.float32:
+        raise Unavailable("plait CPU kernels are float32 only")
+    if not load():
+        raise Unavailable(f"plait CPU kernels could not be built: {_load_error}", failed=True)
+    return compiled()

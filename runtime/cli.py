@@ -16,6 +16,9 @@ import pathlib
 import sys
 import traceback
 
+from plait.runtime.attention import ATTENTION_BACKENDS
+from plait.runtime.attention import describe as describe_attention_backends
+
 DESCRIPTION = (
     "plait: a structured-generation runtime. Generate text for one prompt, serve "
     "SGLang's native HTTP API and OpenAI's, or run a benchmark."
@@ -89,6 +92,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--dtype", default=None, choices=DTYPES, help="(default: bfloat16 on CUDA, float32 on CPU)"
     )
+    e.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help=describe_attention_backends(),
+    )
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     e.add_argument(
         "--max-total-tokens",
@@ -103,6 +112,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
     return {
         "device": a.device,
         "dtype": a.dtype,
+        "attention_backend": a.attention_backend,
         "num_threads": a.threads,
         "max_total_tokens": a.max_total_tokens,
         "kv_cache_memory_gb": a.kv_cache_memory_gb,

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from plait.runtime.attention import ATTENTION_BACKENDS
+
 _ROPE_TYPES = ("default", "linear", "llama3")
 GRAMMAR_BACKENDS = ("llguidance", "outlines")
 
@@ -76,9 +78,6 @@ class ModelConfig:
             sliding_window=sliding,
             eos_token_ids=eos_ids,
         )
-
-
-ATTENTION_BACKENDS = ("auto", "torch", "cpu")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from plait import switches
+
 if TYPE_CHECKING:
     import torch
     import transformers
@@ -80,11 +82,7 @@ class ModelSource:
 
 def default_cache_dir() -> pathlib.Path:
     """``$PLAIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/plait``, else ``~/.cache/plait``."""
-    if os.environ.get("PLAIT_CACHE_DIR"):
-        return pathlib.Path(os.environ["PLAIT_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
-    return base / "plait"
+    return switches.cache_dir()
 
 
 def find_default_gguf() -> pathlib.Path:

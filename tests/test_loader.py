@@ -18,6 +18,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from plait import switches
 from plait.runtime import loader
 from plait.runtime.loader import (
     DEFAULT_MODEL,
@@ -57,7 +58,7 @@ def default_gguf() -> pathlib.Path:
     try:
         return find_default_gguf()
     except ModelLoadError:
-        if os.environ.get("PLAIT_REQUIRE_DEFAULT_MODEL"):
+        if switches.REQUIRE_DEFAULT_MODEL.value():
             raise
         pytest.skip(f"default model not installed: {INSTALL_HINT}")
 

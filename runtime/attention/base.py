@@ -1,4 +1,4 @@
-"""The attention backend interface and its registry."""
+"""The attention backend interface (backends register by name in plait.runtime.attention)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import torch
 if TYPE_CHECKING:
     from plait.runtime.batch import ForwardBatch
     from plait.runtime.kv_pool import KVPool, ReqToTokenPool
-
-_REGISTRY: dict[str, type[AttentionBackend]] = {}
 
 
 class AttentionBackend(ABC):
@@ -39,17 +37,3 @@ class AttentionBackend(ABC):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
     ) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, H * D]."""
-
-
-def register_backend(name: str):
-    def wrap(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def create_backend(name: str, **kwargs) -> AttentionBackend:
-    if name not in _REGISTRY:
-        raise ValueError(f"attention_backend={name!r}: supported: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)

@@ -12,11 +12,9 @@ from __future__ import annotations
 import torch
 
 from plait.kernels.cpu import compiled
-from plait.runtime.attention.base import register_backend
 from plait.runtime.attention.torch_backend import TorchAttentionBackend
 
 
-@register_backend("cpu")
 class CPUAttentionBackend(TorchAttentionBackend):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from plait.runtime.attention.base import AttentionBackend, register_backend
+from plait.runtime.attention.base import AttentionBackend
 from plait.runtime.batch import ForwardBatch
 
 
@@ -28,7 +28,6 @@ class _Extend:
     mask: torch.Tensor | None  # [length, seq_len] bool, None -> plain causal
 
 
-@register_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         dev = batch.input_ids.device

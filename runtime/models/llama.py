@@ -21,12 +21,12 @@ where norm_{L} is the final norm.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
 
-from plait.kernels.cpu import REFERENCE, KernelSet
+from plait import switches
+from plait.kernels import REFERENCE, KernelSet
 from plait.runtime.attention.base import AttentionBackend
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig
@@ -40,7 +40,7 @@ def _onednn_packs(weight: torch.Tensor) -> bool:
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
-        and os.environ.get("PLAIT_ONEDNN", "1") != "0"
+        and switches.ONEDNN.value()
     )
 
 
