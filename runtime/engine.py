@@ -6,8 +6,10 @@
 
 One loop thread owns the model and the scheduler; callers (threads, asyncio
 tasks, the HTTP server) hand it requests through a queue and receive result
-dicts through per-request sinks. Requests are validated in the caller's
-thread, so bad input raises there and never reaches the loop.
+dicts through per-request sinks (sinks.py). Every call is one GenerateInput
+(inputs.py), built from the keyword arguments or given as it is; it is
+validated in the caller's thread, so bad input raises there and never reaches
+the loop.
 """
 
 from __future__ import annotations
@@ -424,7 +426,7 @@ class Engine:
                 req.grammar_future = grammar
                 req.grammar_spec = p.grammar
                 req.capped_max_new_tokens = p.capped_max_new_tokens
-                req.given_rid = p.given_rid or req.rid
+                req.given_rid = p.given_rid if p.given_rid is not None else req.rid
                 reqs.append(req)
         return reqs, single and len(reqs) == 1
 

@@ -86,7 +86,7 @@ class GenerateInput:
                     params=params,
                     grammar=GrammarSpec.from_params(params),  # malformed constraints raise here
                     rid=rids[i],
-                    given_rid=self.rid if isinstance(self.rid, str) else rids[i],
+                    given_rid=self.rid if isinstance(self.rid, str) else rids[i] or None,
                     capped_max_new_tokens=capped,
                     images=images[i],
                 )

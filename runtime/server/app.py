@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from plait.runtime.engine import Engine, EngineShutdownError
 from plait.runtime.errors import RequestError
+from plait.runtime.inputs import GenerateInput
 from plait.runtime.server.config import ServerConfig
 from plait.runtime.server.errors import (
     APIError,
@@ -160,7 +161,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         # asyncio.TimeoutError: on Python 3.10 it is not the builtin TimeoutError.
         try:
             out = await asyncio.wait_for(
-                engine.async_generate(input_ids=[0], sampling_params={"max_new_tokens": 1}), 30
+                engine.async_generate(
+                    GenerateInput(input_ids=[0], sampling_params={"max_new_tokens": 1})
+                ),
+                30,
             )
         except (asyncio.TimeoutError, EngineShutdownError) as e:
             return error_response(503, f"engine not healthy: {e!r}", type="server_error")
