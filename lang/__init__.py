@@ -49,10 +49,11 @@ from plait.choices import (
 )
 from plait.config import GlobalConfig, global_config
 from plait.function import Function, function
-from plait.interpreter import ProgramInterrupted, ProgramState, ProgramStateGroup
+from plait.interpreter import ProgramInterrupted
 from plait.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
 from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.sampling_params import SamplingParams
+from plait.state import ProgramState, ProgramStateGroup
 
 __version__ = "0.1.0"
 __all__ = [

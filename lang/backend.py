@@ -81,15 +81,13 @@ class EngineBackend(Backend):
     def __init__(self, engine: Any):
         self.engine = engine
         self.chat_template = engine.chat_template
-        # A name, never the path of the weights (an error message shows it).
-        model = str(engine.config.model).rstrip("/\\")
-        self.model_name = model.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".gguf")
+        self.model_name = engine.model_name  # a name, never the path of the weights
 
     def generate(self, text, sampling_params, **options):
-        return self.engine.generate(text, sampling_params, **options)
+        return self.engine.generate(_engine_input(text, sampling_params, options))
 
     def generate_stream(self, text, sampling_params, **options):
-        return self.engine.generate(text, sampling_params, stream=True, **options)
+        return self.engine.generate(_engine_input(text, sampling_params, options, stream=True))
 
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()
@@ -171,6 +169,14 @@ class RuntimeEndpoint(Backend):
                 if "error" in event:
                     raise BackendError(_error_message(data))
                 yield event
+
+
+def _engine_input(text: Any, sampling_params: Any, options: dict[str, Any], stream: bool = False):
+    """The engine's GenerateInput of a backend call (``options``: the native API's
+    top-level fields, ``input_ids`` among them)."""
+    from plait.runtime.inputs import GenerateInput
+
+    return GenerateInput(prompt=text, sampling_params=sampling_params, stream=stream, **options)
 
 
 def _body(text: Any, sampling_params: Any, options: dict[str, Any]) -> dict[str, Any]:

@@ -19,9 +19,10 @@ from typing import Any
 
 from plait.backend import Backend, as_backend, get_default_backend
 from plait.config import global_config
-from plait.interpreter import ProgramState, StreamExecutor
+from plait.interpreter import StreamExecutor
 from plait.ir import Argument
 from plait.runtime.sampling_params import SamplingParams
+from plait.state import ProgramState
 
 # Run-level sampling defaults; SGLang's names, mapped onto SamplingParams fields.
 _RUN_PARAMS = {

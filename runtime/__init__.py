@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from plait.runtime.errors import RequestError
+from plait.runtime.inputs import GenerateInput
 from plait.runtime.sampling_params import SamplingParams, SamplingParamsError
 
-__all__ = ["Engine", "RequestError", "SamplingParams", "SamplingParamsError"]
+__all__ = ["Engine", "GenerateInput", "RequestError", "SamplingParams", "SamplingParamsError"]
 
 
 def __getattr__(name: str):

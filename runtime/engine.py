@@ -6,15 +6,16 @@
 
 One loop thread owns the model and the scheduler; callers (threads, asyncio
 tasks, the HTTP server) hand it requests through a queue and receive result
-dicts through per-request sinks. Requests are validated in the caller's
-thread, so bad input raises there and never reaches the loop.
+dicts through per-request sinks (sinks.py). Every call is one GenerateInput
+(inputs.py), built from the keyword arguments or given as it is; it is
+validated in the caller's thread, so bad input raises there and never reaches
+the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import functools
 import logging
 import pathlib
@@ -32,10 +33,11 @@ import torch
 
 from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.config import EngineConfig, ModelConfig
-from plait.runtime.constrained import GrammarCompiler, GrammarSpec, TokenizerInfo
+from plait.runtime.constrained import GrammarCompiler, TokenizerInfo
 from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.device import resolve_device, resolve_dtype
 from plait.runtime.errors import RequestError
+from plait.runtime.inputs import GenerateInput, InputLimits, PromptInput
 from plait.runtime.kv_pool import KVPool
 from plait.runtime.loader import (
     default_cache_dir,
@@ -48,6 +50,14 @@ from plait.runtime.model_runner import ModelRunner
 from plait.runtime.request import Req, Sink
 from plait.runtime.sampling_params import SamplingParams
 from plait.runtime.scheduler import Scheduler
+from plait.runtime.sinks import (
+    LoopSink,
+    QueueSink,
+    aiter_pieces,
+    await_final,
+    iter_pieces,
+    wait_final,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,56 +78,24 @@ class EngineShutdownError(RuntimeError):
     pass
 
 
-def _check_unicode(name: str, text: str) -> None:
-    """Text must be valid Unicode: a lone surrogate (JSON's "\\ud800") cannot be encoded,
-    tokenized or sent back."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise RequestError(
-            name,
-            text[max(0, e.start - 10) : e.end + 10],
-            f"contains a lone surrogate {text[e.start]!a} at character {e.start}, "
-            "which is not valid Unicode",
-        ) from None
+# Engine.generate's arguments after ``prompt``, at their defaults.
+_DEFAULT_ARGS = (None, None, False, None, None, False, False, None)
 
 
-class _Sink:
-    """Delivers a request's results to its caller; ``on_final`` runs once the last
-    one (a result with a finish reason) has been handed over."""
-
-    on_final: Callable[[], None] | None = None
-
-    def __call__(self, item: Any) -> None:
-        self.deliver(item)
-        final = not isinstance(item, dict) or item["meta_info"]["finish_reason"] is not None
-        if final and self.on_final is not None:
-            self.on_final()
-
-    def deliver(self, item: Any) -> None:
-        raise NotImplementedError
+def _as_input(prompt: Any, *args: Any) -> GenerateInput:
+    """The GenerateInput of a generate call: given as ``prompt``, or built from the
+    keyword arguments (SGLang's API)."""
+    if not isinstance(prompt, GenerateInput):
+        return GenerateInput(prompt, *args)
+    if args != _DEFAULT_ARGS:
+        raise TypeError("give a GenerateInput alone, or the keyword arguments without one")
+    return prompt
 
 
-class _QueueSink(_Sink):
-    """Delivers a request's results to a thread waiting on ``queue``."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-
-    def deliver(self, item: Any) -> None:
-        self.queue.put(item)
-
-
-class _LoopSink(_Sink):
-    """Delivers a request's results to an asyncio queue; a caller whose event loop
-    has closed is gone, and its results are dropped (the loop thread must not fail)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
-        self.loop, self.queue = loop, q
-
-    def deliver(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # "Event loop is closed"
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+def display_name(model: str) -> str:
+    """A model's name as callers see it, never the path of its weights."""
+    name = str(model).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return name.removesuffix(".gguf")
 
 
 class Engine:
@@ -147,6 +125,15 @@ class Engine:
         per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
         self.max_total_tokens = cfg.max_total_tokens or int(
             cfg.kv_cache_memory_gb * 2**30 // per_token
+        )
+        self.model_name = display_name(model)
+        self.input_limits = InputLimits(
+            vocab_size=mc.vocab_size,
+            context_len=self.context_len,
+            max_total_tokens=self.max_total_tokens,
+            max_top_logprobs_num=cfg.max_top_logprobs_num,
+            model_name=self.model_name,
+            supports_images=False,
         )
 
         self.runner = ModelRunner(
@@ -213,7 +200,7 @@ class Engine:
 
     def generate(
         self,
-        prompt: str | list[str] | None = None,
+        prompt: str | list[str] | GenerateInput | None = None,
         sampling_params: dict | SamplingParams | list | None = None,
         input_ids: list[int] | list[list[int]] | None = None,
         return_logprob: bool = False,
@@ -225,8 +212,10 @@ class Engine:
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (a dict) or a list of prompts (a list of dicts,
         run as one batch). ``n > 1`` gives a list of n results per prompt.
-        ``stream=True`` returns an iterator of incremental result dicts."""
-        reqs, single = self._make_requests(
+        ``stream=True`` returns an iterator of incremental result dicts. A
+        :class:`GenerateInput` may stand for all the arguments:
+        ``engine.generate(GenerateInput(prompt=..., ...))``."""
+        inp = _as_input(
             prompt,
             sampling_params,
             input_ids,
@@ -236,8 +225,8 @@ class Engine:
             return_text_in_logprobs,
             stream,
             rid,
-            sinks=None,
         )
+        reqs, single = self._make_requests(inp, sinks=None)
         try:  # compiled off the loop thread; a bad grammar raises here
             for r in reqs:
                 if r.grammar_future is not None:
@@ -245,15 +234,15 @@ class Engine:
         except BaseException:
             self._cancel_grammars(reqs)
             raise
-        if stream:
+        if inp.stream:
             return self._stream(reqs)
         self._submit(reqs)
-        results = [self._wait(r) for r in reqs]
+        results = [wait_final(r.sink.queue) for r in reqs]
         return results[0] if single else results
 
     async def async_generate(
         self,
-        prompt: str | list[str] | None = None,
+        prompt: str | list[str] | GenerateInput | None = None,
         sampling_params: dict | SamplingParams | list | None = None,
         input_ids: list[int] | list[list[int]] | None = None,
         return_logprob: bool = False,
@@ -264,31 +253,29 @@ class Engine:
         rid: str | list[str] | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """The asyncio form of generate; with ``stream=True`` it returns an async
-        iterator of incremental result dicts."""
+        iterator of incremental result dicts. It too takes a GenerateInput."""
+        inp = _as_input(
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            return_text_in_logprobs,
+            stream,
+            rid,
+        )
         loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue] = []
 
         def make_sink() -> Sink:
             q: asyncio.Queue = asyncio.Queue()
             queues.append(q)
-            return _LoopSink(loop, q)
+            return LoopSink(loop, q)
 
         # Tokenizing (and compiling a grammar) can take long: off the event loop.
         reqs, single = await loop.run_in_executor(
-            None,
-            functools.partial(
-                self._make_requests,
-                prompt,
-                sampling_params,
-                input_ids,
-                return_logprob,
-                logprob_start_len,
-                top_logprobs_num,
-                return_text_in_logprobs,
-                stream,
-                rid,
-                sinks=make_sink,
-            ),
+            None, functools.partial(self._make_requests, inp, sinks=make_sink)
         )
         try:
             for r in reqs:
@@ -298,10 +285,10 @@ class Engine:
             self._cancel_grammars(reqs)
             raise
         self._submit(reqs)
-        if stream:
-            return self._astream(reqs[0], queues[0])
+        if inp.stream:
+            return aiter_pieces(queues[0], functools.partial(self.abort, reqs[0].rid))
         try:
-            results = [await self._await_final(q) for q in queues]
+            results = [await await_final(q) for q in queues]
         except BaseException:  # cancelled: free what the requests hold
             for r in reqs:
                 self.abort(r.rid)
@@ -421,142 +408,30 @@ class Engine:
     # ---- requests --------------------------------------------------------------
 
     def _make_requests(
-        self,
-        prompt,
-        sampling_params,
-        input_ids,
-        return_logprob,
-        logprob_start_len,
-        top_logprobs_num,
-        return_text_in_logprobs,
-        stream,
-        rid,
-        sinks,
+        self, inp: GenerateInput, sinks: Callable[[], Sink] | None
     ) -> tuple[list[Req], bool]:
+        """The scheduler requests of ``inp`` (``n`` per prompt), each with its own sink
+        (from ``sinks``, else a QueueSink), and whether ``inp`` was one prompt giving
+        one result. Raises RequestError for bad input, before any request runs."""
         if self._closed:
             raise EngineShutdownError("engine is shut down")
-        if (prompt is None) == (input_ids is None):
-            raise RequestError("prompt", prompt, "give exactly one of prompt or input_ids")
-        if prompt is not None:
-            single = isinstance(prompt, str)
-            prompts = [prompt] if single else list(prompt)
-            for i, p in enumerate(prompts):
-                name = "prompt" if single else f"prompt[{i}]"
-                if not isinstance(p, str):
-                    raise RequestError(name, p, "must be a string")
-                _check_unicode(name, p)
-            id_lists = [self.tokenizer.encode(p) for p in prompts]
-        else:
-            single = not input_ids or isinstance(input_ids[0], int)
-            id_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
-        if not id_lists:
-            raise RequestError("prompt", prompt if prompt is not None else input_ids, "empty batch")
-        params_list = (
-            sampling_params
-            if isinstance(sampling_params, list)
-            else [sampling_params] * len(id_lists)
-        )
-        if len(params_list) != len(id_lists):
-            raise RequestError(
-                "sampling_params", sampling_params, f"expected {len(id_lists)} entries"
-            )
-        if isinstance(rid, list):
-            rids = rid
-        elif rid is not None and len(id_lists) > 1:  # one id for a batch: one per prompt
-            rids = [f"{rid}-{i}" for i in range(len(id_lists))]
-        else:
-            rids = [rid] * len(id_lists)
-        if len(rids) != len(id_lists):
-            raise RequestError("rid", rid, f"{len(rids)} rids for {len(id_lists)} prompts")
-        given = [r for r in rids if r is not None]
-        if len(set(given)) != len(given):
-            raise RequestError("rid", rid, "rids must be unique")
-        cap = min(self.model_config.vocab_size, self.config.max_top_logprobs_num)
-        if top_logprobs_num is not None and (
-            not isinstance(top_logprobs_num, int)
-            or isinstance(top_logprobs_num, bool)
-            or not 0 <= top_logprobs_num <= cap
-        ):
-            raise RequestError(
-                "top_logprobs_num",
-                top_logprobs_num,
-                f"must be an integer in [0, {cap}] (max_top_logprobs_num)",
-            )
-        if logprob_start_len is not None and not isinstance(logprob_start_len, int):
-            raise RequestError("logprob_start_len", logprob_start_len, "must be an integer")
-
+        prompts, single = inp.check(self.tokenizer.encode, self.input_limits)
         reqs: list[Req] = []
-        for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
-            params = SamplingParams.from_dict(raw).verify(self.model_config.vocab_size)
-            self._check_ids(ids, i if not single else None)
-            # Past the context, max_new_tokens is capped (and the result says so in
-            # meta_info["capped_max_new_tokens"]) rather than refused.
-            requested = params.max_new_tokens
-            params.max_new_tokens = min(requested, self.context_len - len(ids))
-            capped = params.max_new_tokens if params.max_new_tokens < requested else None
-            if len(ids) + params.max_new_tokens > self.max_total_tokens:
-                raise RequestError(
-                    "max_new_tokens",
-                    params.max_new_tokens,
-                    f"prompt ({len(ids)} tokens) + max_new_tokens needs more KV slots than the pool "
-                    f"holds ({self.max_total_tokens}); raise max_total_tokens or kv_cache_memory_gb",
-                )
-            if stream and (params.n > 1 or len(id_lists) > 1):
-                raise RequestError("stream", stream, "streaming takes one prompt with n=1")
-            spec = GrammarSpec.from_params(params)  # malformed constraints raise here
-            grammar = self.grammar_compiler.submit(spec) if spec is not None else None
-            base_rid = rids[i] or uuid.uuid4().hex
-            for k in range(params.n):
-                reqs.append(
-                    self._make_req(
-                        f"{base_rid}-{k}" if params.n > 1 else base_rid,
-                        ids,
-                        params,
-                        k,
-                        stream,
-                        return_logprob,
-                        logprob_start_len,
-                        top_logprobs_num or 0,
-                        return_text_in_logprobs,
-                        sinks() if sinks else _QueueSink(),
-                    )
-                )
-                reqs[-1].grammar_future = grammar
-                reqs[-1].grammar_spec = spec
-                reqs[-1].capped_max_new_tokens = capped
-                reqs[-1].given_rid = rid if isinstance(rid, str) else rids[i] or reqs[-1].rid
+        for p in prompts:
+            grammar = self.grammar_compiler.submit(p.grammar) if p.grammar is not None else None
+            base_rid = p.rid or uuid.uuid4().hex
+            for k in range(p.params.n):
+                rid = f"{base_rid}-{k}" if p.params.n > 1 else base_rid
+                req = self._make_req(rid, p, k, inp, sinks() if sinks else QueueSink())
+                req.grammar_future = grammar
+                req.grammar_spec = p.grammar
+                req.capped_max_new_tokens = p.capped_max_new_tokens
+                req.given_rid = p.given_rid if p.given_rid is not None else req.rid
+                reqs.append(req)
         return reqs, single and len(reqs) == 1
 
-    def _check_ids(self, ids: list[int], index: int | None) -> None:
-        name = "input_ids" if index is None else f"input_ids[{index}]"
-        if not ids:
-            raise RequestError(name, ids, "the prompt has no tokens")
-        vocab = self.model_config.vocab_size
-        bad = [
-            t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
-        ]
-        if bad:
-            raise RequestError(name, bad[:5], f"token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.context_len:
-            raise RequestError(
-                name,
-                f"<{len(ids)} tokens>",
-                f"the prompt is longer than the context length ({self.context_len} tokens)",
-            )
-
-    def _make_req(
-        self,
-        rid,
-        ids,
-        params,
-        k,
-        stream,
-        return_logprob,
-        logprob_start_len,
-        top_logprobs_num,
-        return_text_in_logprobs,
-        sink,
-    ) -> Req:
+    def _make_req(self, rid: str, p: PromptInput, k: int, inp: GenerateInput, sink: Sink) -> Req:
+        params = p.params
         generator = None
         if not params.is_greedy:
             seed = params.seed + k if params.seed is not None else self._rng.randrange(2**62)
@@ -571,16 +446,16 @@ class Engine:
         )
         return Req(
             rid,
-            ids,
+            p.input_ids,
             params,
             sink=sink,
             detokenizer=detok,
             generator=generator,
-            stream=stream,
-            return_logprob=return_logprob,
-            logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num,
-            return_text_in_logprobs=return_text_in_logprobs,
+            stream=inp.stream,
+            return_logprob=inp.return_logprob,
+            logprob_start_len=inp.logprob_start_len,
+            top_logprobs_num=inp.top_logprobs_num or 0,
+            return_text_in_logprobs=inp.return_text_in_logprobs,
             jump_forward=not self.config.disable_jump_forward,
         )
 
@@ -614,49 +489,11 @@ class Engine:
         with self._rids_lock:
             self._inflight.pop(rid, None)
 
-    @staticmethod
-    def _raise_if_error(item: Any) -> dict:
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def _wait(self, req: Req) -> dict:
-        q: queue.Queue = req.sink.queue
-        while True:
-            item = self._raise_if_error(q.get())
-            if item["meta_info"]["finish_reason"] is not None:
-                return item
-
     def _stream(self, reqs: list[Req]) -> Iterator[dict]:
+        """The pieces of a streamed request, submitted when the first is asked for."""
         req = reqs[0]
         self._submit(reqs)
-        q: queue.Queue = req.sink.queue
-        finished = False
-        try:
-            while not finished:
-                item = self._raise_if_error(q.get())
-                finished = item["meta_info"]["finish_reason"] is not None
-                yield item
-        finally:
-            if not finished:  # the consumer stopped early
-                self.abort(req.rid)
-
-    async def _await_final(self, q: asyncio.Queue) -> dict:
-        while True:
-            item = self._raise_if_error(await q.get())
-            if item["meta_info"]["finish_reason"] is not None:
-                return item
-
-    async def _astream(self, req: Req, q: asyncio.Queue) -> AsyncIterator[dict]:
-        finished = False
-        try:
-            while not finished:
-                item = self._raise_if_error(await q.get())
-                finished = item["meta_info"]["finish_reason"] is not None
-                yield item
-        finally:
-            if not finished:
-                self.abort(req.rid)
+        yield from iter_pieces(req.sink.queue, functools.partial(self.abort, req.rid))
 
     # ---- the loop thread -------------------------------------------------------
 

@@ -10,6 +10,7 @@ import pytest
 from common import GREEDY
 
 import plait
+from plait.runtime.inputs import GenerateInput
 
 SHARED = (
     "You are a careful assistant. Answer each question with one short sentence. "
@@ -137,18 +138,12 @@ def test_lpm_admits_the_longest_cached_prefix_first(model_dir):
             model=model_dir, max_total_tokens=4096, max_running_requests=1, schedule_policy=policy
         )
         eng.generate(SHARED, {"max_new_tokens": 0})  # cache the shared prefix
-        reqs, _ = eng._make_requests(
-            ["Something unrelated entirely", SHARED + QUESTIONS[0]],
-            {**GREEDY, "max_new_tokens": 2},
-            None,
-            False,
-            None,
-            None,
-            False,
-            False,
-            ["other", "cached"],
-            None,
+        inp = GenerateInput(
+            prompt=["Something unrelated entirely", SHARED + QUESTIONS[0]],
+            sampling_params={**GREEDY, "max_new_tokens": 2},
+            rid=["other", "cached"],
         )
+        reqs, _ = eng._make_requests(inp, sinks=None)
         eng.shutdown()  # stop the loop thread and drive the scheduler by hand
         for r in reqs:
             eng.scheduler.add(r)

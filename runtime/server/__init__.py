@@ -1,6 +1,7 @@
-"""The HTTP server: SGLang's native API and OpenAI's over one Engine (app.py,
-openai_api.py), request models (protocol.py), Prometheus metrics (metrics.py),
-and ``serve`` for the ``plait serve`` command."""
+"""The HTTP server: SGLang's native API and OpenAI's over one Engine (app.py with
+native.py, openai_api.py with openai_output.py; both use errors.py, streaming.py,
+middleware.py and config.py), request models (protocol.py), Prometheus metrics
+(metrics.py), and ``serve`` for the ``plait serve`` command."""
 
 from __future__ import annotations
 

@@ -12,10 +12,9 @@ in one event stream.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,13 +22,15 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from plait.runtime.errors import RequestError
-from plait.runtime.server.app import (
-    SSE_DONE,
-    APIError,
-    ClientDisconnected,
-    JSONResponse,
-    sse,
-    until_disconnect,
+from plait.runtime.inputs import GenerateInput
+from plait.runtime.server.errors import APIError, ClientDisconnected, JSONResponse
+from plait.runtime.server.openai_output import (
+    chat_logprobs,
+    chunk_writer,
+    completion_logprobs,
+    finish_reason,
+    matched_stop,
+    usage,
 )
 from plait.runtime.server.protocol import (
     ChatCompletionRequest,
@@ -37,6 +38,7 @@ from plait.runtime.server.protocol import (
     CompletionRequest,
     _OpenAISampling,
 )
+from plait.runtime.server.streaming import SSE_DONE, merge_streams, open_streams, until_disconnect
 
 router = APIRouter()
 
@@ -129,31 +131,6 @@ def _sampling(body: _OpenAISampling, max_new_tokens: int) -> dict[str, Any]:
     return params
 
 
-def _finish_reason(meta: dict[str, Any]) -> str | None:
-    reason = meta.get("finish_reason")
-    return None if reason is None else reason["type"]
-
-
-def _matched(meta: dict[str, Any]) -> Any:
-    reason = meta.get("finish_reason") or {}
-    return reason.get("matched")
-
-
-def _usage(outs: list[dict], n: int) -> dict[str, Any]:
-    """Token counts of results in prompt-major order, ``n`` per prompt: each prompt
-    counts once however many choices it has."""
-    per_prompt = [outs[i : i + n] for i in range(0, len(outs), n)]
-    prompt_tokens = sum(group[0]["meta_info"]["prompt_tokens"] for group in per_prompt)
-    cached = sum(max(o["meta_info"].get("cached_tokens", 0) for o in g) for g in per_prompt)
-    completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
 # ---- models ------------------------------------------------------------------------------
 
 
@@ -242,12 +219,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     metrics = request.app.state.metrics
     try:
         if body.stream:
-            streams = await _open_streams(engine, [prompt], params, logprob_options, rid)
+            streams = await open_streams(engine, [prompt], params, logprob_options, rid)
             return StreamingResponse(
                 _chat_events(streams, rid, created, body, metrics), media_type="text/event-stream"
             )
         outs = await until_disconnect(
-            request, engine.async_generate(prompt, params, rid=rid, **logprob_options)
+            request,
+            engine.async_generate(
+                GenerateInput(prompt=prompt, sampling_params=params, rid=rid, **logprob_options)
+            ),
         )
     except RequestError as e:
         raise _openai_error(e, body, "messages") from e
@@ -260,9 +240,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         {
             "index": i,
             "message": {"role": "assistant", "content": o["text"]},
-            "logprobs": _chat_logprobs(o["meta_info"]) if body.logprobs else None,
-            "finish_reason": _finish_reason(o["meta_info"]),
-            "matched_stop": _matched(o["meta_info"]),
+            "logprobs": chat_logprobs(o["meta_info"]) if body.logprobs else None,
+            "finish_reason": finish_reason(o["meta_info"]),
+            "matched_stop": matched_stop(o["meta_info"]),
         }
         for i, o in enumerate(outs)
     ]
@@ -273,7 +253,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             "created": created,
             "model": body.model,
             "choices": choices,
-            "usage": _usage(outs, len(outs)),
+            "usage": usage(outs, len(outs)),
         }
     )
 
@@ -300,34 +280,6 @@ def _assistant_prefill(body: ChatCompletionRequest, messages: list[dict[str, Any
     return messages.pop()["content"]
 
 
-def _token_entry(lp: float, text: str | None) -> dict[str, Any]:
-    text = text or ""
-    return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-
-def _chat_logprobs(meta: dict[str, Any]) -> dict[str, Any]:
-    content = []
-    tops = meta.get("output_top_logprobs") or []
-    for k, (lp, _, text) in enumerate(meta.get("output_token_logprobs", [])):
-        entry = _token_entry(lp, text)
-        top = tops[k] if k < len(tops) and tops[k] else []
-        entry["top_logprobs"] = [_token_entry(t_lp, t_text) for t_lp, _, t_text in top]
-        content.append(entry)
-    return {"content": content}
-
-
-def _chunk_writer(rid: str, created: int, model: str, kind: str) -> Callable[..., str]:
-    """``chunk(choices, usage=None)``: one server-sent event of a streamed response."""
-
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        data = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
-        if usage is not None:
-            data["usage"] = usage
-        return sse(data)
-
-    return chunk
-
-
 async def _chat_events(
     streams: list[AsyncIterator[dict]],
     rid: str,
@@ -335,7 +287,7 @@ async def _chat_events(
     body: ChatCompletionRequest,
     metrics: Any,
 ) -> AsyncIterator[str]:
-    chunk = _chunk_writer(rid, created, body.model, "chat.completion.chunk")
+    chunk = chunk_writer(rid, created, body.model, "chat.completion.chunk")
 
     for i in range(len(streams)):
         yield chunk(
@@ -351,7 +303,7 @@ async def _chat_events(
     finals: dict[int, dict] = {}
     firsts: set[int] = set()
     try:
-        async for i, piece in _merge(streams):
+        async for i, piece in merge_streams(streams):
             meta = piece["meta_info"]
             if i not in firsts:
                 firsts.add(i)
@@ -365,10 +317,10 @@ async def _chat_events(
             if piece["text"]:
                 choice["delta"] = {"content": piece["text"]}
             if body.logprobs:
-                choice["logprobs"] = _chat_logprobs(meta)
+                choice["logprobs"] = chat_logprobs(meta)
             if meta.get("finish_reason") is not None:
-                choice["finish_reason"] = _finish_reason(meta)
-                choice["matched_stop"] = _matched(meta)
+                choice["finish_reason"] = finish_reason(meta)
+                choice["matched_stop"] = matched_stop(meta)
                 finals[i] = {"meta_info": meta}
             if choice["delta"] or choice["finish_reason"] or choice["logprobs"]:
                 yield chunk([choice])
@@ -378,83 +330,8 @@ async def _chat_events(
     outs = [finals[i] for i in sorted(finals)]
     metrics.record(outs)
     if body.stream_options is not None and body.stream_options.include_usage:
-        yield chunk([], _usage(outs, len(outs)))
+        yield chunk([], usage(outs, len(outs)))
     yield SSE_DONE
-
-
-async def _open_streams(
-    engine: Any,
-    prompts: list[Any],
-    params: dict[str, Any],
-    options: dict[str, Any],
-    rid: str,
-) -> list[AsyncIterator[dict]]:
-    """One engine stream per (prompt, choice), submitted now so bad input is a 400;
-    choice k of a seeded request gets ``seed + k``."""
-    n = params.get("n", 1)
-    streams = []
-    try:
-        for p, prompt in enumerate(prompts):
-            for k in range(n):
-                one = {**params, "n": 1}
-                if params.get("seed") is not None:
-                    one["seed"] = params["seed"] + k
-                key = "input_ids" if isinstance(prompt, list) else "prompt"
-                streams.append(
-                    await engine.async_generate(
-                        **{key: prompt},
-                        sampling_params=one,
-                        stream=True,
-                        rid=f"{rid}-{p}-{k}",
-                        **options,
-                    )
-                )
-    except BaseException:
-        for s in streams:
-            await s.aclose()
-        raise
-    return streams
-
-
-async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
-    """Interleave several streams as their pieces arrive; closing this closes them
-    all (which aborts their requests)."""
-    if len(streams) == 1:
-        try:
-            async for piece in streams[0]:
-                yield 0, piece
-        finally:
-            await streams[0].aclose()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, stream: AsyncIterator[dict]) -> None:
-        try:
-            async for piece in stream:
-                await queue.put((i, piece))
-        finally:
-            await queue.put((i, done))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        left = len(tasks)
-        while left:
-            i, piece = await queue.get()
-            if piece is done:
-                left -= 1
-                continue
-            yield i, piece
-        for t in tasks:
-            t.result()  # re-raise a stream's error
-    finally:
-        for t in tasks:
-            t.cancel()
-        # Let each pump leave its stream first: closing a stream that another task is
-        # still iterating raises "aclose(): asynchronous generator is already running".
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for s in streams:
-            await s.aclose()
 
 
 # ---- completions ----------------------------------------------------------------------------
@@ -495,7 +372,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     key = "prompt" if texts else "input_ids"
     try:
         if body.stream:
-            streams = await _open_streams(engine, prompts, params, options, rid)
+            streams = await open_streams(engine, prompts, params, options, rid)
             echo = _echo(engine, prompts) if body.echo else None
             return StreamingResponse(
                 _completion_events(streams, rid, created, body, echo, metrics),
@@ -503,7 +380,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             )
         outs = await until_disconnect(
             request,
-            engine.async_generate(**{key: prompts}, sampling_params=params, rid=rid, **options),
+            engine.async_generate(
+                GenerateInput(**{key: prompts}, sampling_params=params, rid=rid, **options)
+            ),
         )
     except RequestError as e:
         raise _openai_error(e, body, "prompt") from e
@@ -521,11 +400,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             {
                 "index": i,
                 "text": prefix + o["text"],
-                "logprobs": _completion_logprobs(o["meta_info"], body.echo)
+                "logprobs": completion_logprobs(o["meta_info"], body.echo)
                 if body.logprobs is not None
                 else None,
-                "finish_reason": _finish_reason(o["meta_info"]),
-                "matched_stop": _matched(o["meta_info"]),
+                "finish_reason": finish_reason(o["meta_info"]),
+                "matched_stop": matched_stop(o["meta_info"]),
             }
         )
     return JSONResponse(
@@ -535,7 +414,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             "created": created,
             "model": body.model,
             "choices": choices,
-            "usage": _usage(outs, params.get("n", 1)),
+            "usage": usage(outs, params.get("n", 1)),
         }
     )
 
@@ -544,30 +423,6 @@ def _echo(engine: Any, prompts: list[Any]) -> list[str]:
     """The prompts as text. Called once the engine has accepted them: decoding a token
     id outside the vocabulary would raise (an OverflowError, not a 400)."""
     return [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
-
-
-def _completion_logprobs(meta: dict[str, Any], echo: bool) -> dict[str, Any]:
-    entries = list(meta.get("output_token_logprobs", []))
-    tops = list(meta.get("output_top_logprobs") or [])
-    if echo:
-        entries = list(meta.get("input_token_logprobs", [])) + entries
-        tops = list(meta.get("input_top_logprobs") or []) + tops
-    tokens, token_lps, top_lps, offsets = [], [], [], []
-    offset = 0
-    for k, (lp, _, text) in enumerate(entries):
-        text = text or ""
-        tokens.append(text)
-        token_lps.append(lp)
-        top = tops[k] if k < len(tops) and tops[k] else None
-        top_lps.append({t: t_lp for t_lp, _, t in top} if top else None)
-        offsets.append(offset)
-        offset += len(text)
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_lps,
-        "top_logprobs": top_lps,
-        "text_offset": offsets,
-    }
 
 
 async def _completion_events(
@@ -580,12 +435,12 @@ async def _completion_events(
 ) -> AsyncIterator[str]:
     n = body.n
 
-    chunk = _chunk_writer(rid, created, body.model, "text_completion")
+    chunk = chunk_writer(rid, created, body.model, "text_completion")
 
     started: set[int] = set()
     finals: dict[int, dict] = {}
     try:
-        async for i, piece in _merge(streams):
+        async for i, piece in merge_streams(streams):
             meta = piece["meta_info"]
             text = piece["text"]
             if i not in started:
@@ -596,13 +451,11 @@ async def _completion_events(
             choice = {
                 "index": i,
                 "text": text,
-                "logprobs": _completion_logprobs(meta, False)
-                if body.logprobs is not None
-                else None,
-                "finish_reason": _finish_reason(meta),
+                "logprobs": completion_logprobs(meta, False) if body.logprobs is not None else None,
+                "finish_reason": finish_reason(meta),
             }
             if meta.get("finish_reason") is not None:
-                choice["matched_stop"] = _matched(meta)
+                choice["matched_stop"] = matched_stop(meta)
                 finals[i] = {"meta_info": meta}
             yield chunk([choice])
     finally:  # choices cut off (the client went away, or a stream broke) were aborted
@@ -611,5 +464,5 @@ async def _completion_events(
     outs = [finals[i] for i in sorted(finals)]
     metrics.record(outs)
     if body.stream_options is not None and body.stream_options.include_usage:
-        yield chunk([], _usage(outs, n))
+        yield chunk([], usage(outs, n))
     yield SSE_DONE

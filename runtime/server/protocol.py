@@ -121,7 +121,7 @@ GenerateRequest = create_model(
     __base__=_GenerateFields,
     __doc__="``POST /generate`` (SGLang's native API). Its fields are SGLang 0.5's "
     "``GenerateReqInput``; any other top-level field is refused by name, and so is a field "
-    "SGLang defines that cannot apply here (see app.check_generate_fields).",
+    "SGLang defines that cannot apply here (see native.check_generate_fields).",
     **{name: (Any, None) for name in (*MEDIA_FIELDS, *UNSUPPORTED_FIELDS)},
 )
 
