@@ -101,7 +101,6 @@ class ReqToTokenPool:
 
     def __init__(self, num_rows: int, context_len: int, device: torch.device):
         self.table = torch.zeros((num_rows, context_len), dtype=torch.int64, device=device)
-        self.num_rows = num_rows
         self.context_len = context_len
 
     def write(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor) -> None:
