@@ -1,7 +1,9 @@
-"""plait.radix: the radix prefix cache (pure Python over KV slot-index tensors)."""
+"""plait.radix: the prefix cache behind the ``PrefixCache`` protocol: the radix tree
+(pure Python over KV slot-index tensors) and the null cache that keeps nothing."""
 
 from __future__ import annotations
 
 from plait.radix.cache import CacheStats, MatchResult, NullCache, RadixCache, TreeNode
+from plait.radix.protocol import PrefixCache
 
-__all__ = ["CacheStats", "MatchResult", "NullCache", "RadixCache", "TreeNode"]
+__all__ = ["CacheStats", "MatchResult", "NullCache", "PrefixCache", "RadixCache", "TreeNode"]

@@ -78,6 +78,8 @@ class CacheStats:
 class RadixCache:
     """Prefix cache over KV slots. ``free`` returns slots to the pool."""
 
+    enabled = True
+
     def __init__(self, free: FreeFn, device: torch.device | str = "cpu"):
         self.free = free
         self.device = torch.device(device)
@@ -173,6 +175,17 @@ class RadixCache:
             i += n
         self._touch(node)
         return cached
+
+    def insert_running(
+        self, tokens: Sequence[int], slots: torch.Tensor, node: TreeNode
+    ) -> MatchResult:
+        """Cache what a running request has computed and move its lock from ``node`` to
+        the node covering ``tokens``; the request's row must point at the returned slots."""
+        self.insert(tokens, slots)
+        match = self.match_prefix(tokens, record=False)
+        self.lock(match.node)
+        self.unlock(node)
+        return match
 
     def _free_duplicates(self, passed: torch.Tensor, held: torch.Tensor) -> None:
         different = passed != held
@@ -287,6 +300,8 @@ class RadixCache:
 class NullCache:
     """The same interface caching nothing: ``disable_radix_cache=True``."""
 
+    enabled = False
+
     def __init__(self, free: FreeFn, device: torch.device | str = "cpu"):
         self.free = free
         self._empty = torch.empty(0, dtype=torch.int64, device=torch.device(device))
@@ -312,6 +327,11 @@ class NullCache:
     ) -> int:
         self.free(slots)
         return 0
+
+    def insert_running(
+        self, tokens: Sequence[int], slots: torch.Tensor, node: TreeNode
+    ) -> MatchResult:
+        return MatchResult(self._empty, node)  # nothing cached: the request keeps its slots
 
     def lock(self, node: TreeNode) -> None:
         pass

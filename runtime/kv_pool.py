@@ -1,11 +1,15 @@
-"""Memory for attention: the KV pool (token slots) and the request-to-token map.
+"""Memory for attention: the KV pool (token slots), its free list, and the
+request-to-token table.
 
     KVPool.k[layer], KVPool.v[layer]: [num_slots + 1, num_kv_heads, head_dim]
         Slot 0 is a scratch slot that is never handed out: padded positions
         of a batch point at it, so reading or writing them is harmless.
+    SlotAllocator: the free slots 1..num_slots (the scheduler's bookkeeping).
     ReqToTokenPool.table: [max_running_requests, context_len] int64
         Row r lists, in sequence order, the KV slots of the request holding
-        row r. Attention backends gather K/V through it.
+        row r. Attention backends gather K/V through it. The runner owns the
+        table and applies each ForwardBatch's writes to it; the scheduler
+        keeps its own copy to know which slots each request holds.
 
 A row's first ``tree_len`` slots belong to the prefix cache, which lends
 them to the request while the request holds a lock on their node; the
@@ -74,7 +78,6 @@ class KVPool:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         for buf in (*self.k, *self.v):
             buf[0].zero_()
-        self.allocator = SlotAllocator(size, device)
 
     @staticmethod
     def bytes_per_token(
@@ -99,16 +102,8 @@ class ReqToTokenPool:
     def __init__(self, num_rows: int, context_len: int, device: torch.device):
         self.table = torch.zeros((num_rows, context_len), dtype=torch.int64, device=device)
         self.context_len = context_len
-        self._free_rows = list(range(num_rows - 1, -1, -1))
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free_rows)
-
-    def alloc(self) -> int:
-        if not self._free_rows:
-            raise KVPoolFullError("no free request rows (max_running_requests reached)")
-        return self._free_rows.pop()
-
-    def free(self, row: int) -> None:
-        self._free_rows.append(row)
+    def write(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor) -> None:
+        """``table[rows[i], cols[i]] = slots[i]`` (no (row, col) pair twice)."""
+        if slots.numel():
+            self.table[rows, cols] = slots

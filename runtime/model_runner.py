@@ -1,6 +1,11 @@
 """ModelRunner: the model, its KV pool, the request-to-token table and the
-attention backend, put together for one device. ``forward(batch)`` is one
-model step returning fp32 logits for ``batch.logits_indices``."""
+attention backend, put together for one device; it owns all that device state.
+
+``forward(batch)`` applies one ForwardBatch: it writes the batch's slot
+indices into the request-to-token table, prepares the attention backend,
+runs the model and returns fp32 logits for ``batch.logits_indices``. Nothing
+else writes the table or the model's attributes.
+"""
 
 from __future__ import annotations
 
@@ -33,16 +38,18 @@ class ModelRunner:
     ):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.context_len = context_len
+        self.max_total_tokens = max_total_tokens  # KV slots in the pool
+        self.max_running_requests = max_running_requests  # rows of the table
+        ops = kernel_set(device, dtype)
+        rotary = RotaryEmbedding(cfg, context_len, device)  # fp32 tables
         # Build on the meta device (no random init), then allocate and fill from the checkpoint.
         with torch.device("meta"):
-            model = LlamaFamilyModel(cfg)
+            model = LlamaFamilyModel(cfg, ops, rotary)
         model = model.to_empty(device=device).to(dtype=dtype)
         model.load_hf_state_dict(state_dict)
-        model.rotary = RotaryEmbedding(cfg, context_len).to(device)  # fp32 tables
-        model.ops = kernel_set(device, dtype)
         self.model = model.eval()
         if attention_backend == "auto":
-            attention_backend = "cpu" if model.ops.fused else "torch"
+            attention_backend = "cpu" if ops.fused else "torch"
         self.attention_backend = attention_backend
         self.kv_pool = KVPool(
             cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_total_tokens, dtype, device
@@ -62,7 +69,7 @@ class ModelRunner:
             cfg.architecture,
             device,
             dtype,
-            "fused" if model.ops.fused else "torch",
+            "fused" if ops.fused else "torch",
             attention_backend,
             max_total_tokens,
             self.kv_pool.nbytes / 2**20,
@@ -70,5 +77,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.model(batch, self.attn)
+        self.req_to_token.write(batch.write_rows, batch.write_cols, batch.write_slots)
+        self.attn.prepare(batch)
+        hidden = self.model(batch.input_ids, batch.positions, self.attn, batch.input_embeds)
         return self.model.logits(hidden.index_select(0, batch.logits_indices))

@@ -9,6 +9,10 @@ shares its batch).
 A row that cannot be sampled (no token left after its masks, non-finite
 probabilities) is reported in ``SampleResult.errors`` with the reason; the
 other rows of the batch are sampled as usual.
+
+Logprobs are defined here once (``compute_logprobs``, ``top_logprobs``,
+``token_logprobs``): the sampler reports them for the rows it samples, and the
+scheduler's output processing uses the same functions for prompt tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +50,23 @@ class SampleResult:
     top: list[tuple[list[float], list[int]] | None]
     # Rows that could not be sampled -> why (their next_ids entry is meaningless).
     errors: dict[int, str] = field(default_factory=dict)
+
+
+def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Logprobs as reported: the log_softmax of the raw logits [N, V]."""
+    return torch.log_softmax(logits, dim=-1)
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
+    """The ``k`` largest logprobs of one row [V] and their token ids."""
+    vals, ids = logprobs.topk(k)
+    return vals.tolist(), ids.tolist()
+
+
+def token_logprobs(logprobs: torch.Tensor, targets: Sequence[int]) -> list[float]:
+    """Row i's logprob of token ``targets[i]`` for logprobs [N, V]."""
+    index = torch.tensor(targets, device=logprobs.device)[:, None]
+    return logprobs.gather(1, index)[:, 0].tolist()
 
 
 def apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:
@@ -92,12 +113,11 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow], need_logprobs: bool
     ) -> SampleResult:
-        logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
+        logprobs = compute_logprobs(logits) if need_logprobs else None
         top: list[tuple[list[float], list[int]] | None] = [None] * len(rows)
         for i, row in enumerate(rows):
             if row.top_logprobs_num > 0 and logprobs is not None:
-                vals, ids = logprobs[i].topk(row.top_logprobs_num)
-                top[i] = (vals.tolist(), ids.tolist())
+                top[i] = top_logprobs(logprobs[i], row.top_logprobs_num)
         constrained = [i for i, r in enumerate(rows) if r.grammar_bits is not None]
         if constrained or any(r.params.has_penalties or r.banned_ids for r in rows):
             logits = logits.clone()

@@ -30,7 +30,8 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def prepare(self, batch: ForwardBatch) -> None:
-        """Build whatever index tensors the layers of this step share."""
+        """Build whatever index tensors the layers of this step share. The runner calls
+        it once per step, after writing the batch's slots into the table."""
 
     @abstractmethod
     def forward(

@@ -6,9 +6,11 @@ RoPE theta and scaling, and a sliding window (Mistral). Projections that read
 the same input are fused (q|k|v and gate|up) into one matmul each.
 
 The forward runs over a flattened ragged batch (see ForwardBatch) and reads
-and writes K/V only through the attention backend. The glue between the
-matmuls (norms, RoPE, SiLU) goes through ``self.ops``, a plait.kernels
-KernelSet: fused compiled ops on CPU in float32, torch references elsewhere.
+and writes K/V only through the attention backend, which the runner has
+prepared for the batch. The glue between the matmuls (norms, RoPE, SiLU)
+goes through ``self.ops``, a plait.kernels KernelSet the runner picks for its
+device and dtype (fused compiled ops on CPU in float32, torch references
+elsewhere); ops and rotary tables are given at construction.
 The residual stream is updated in place and each residual add is fused with
 the norm after it:
 
@@ -26,9 +28,8 @@ import torch
 from torch import nn
 
 from plait import switches
-from plait.kernels import REFERENCE, KernelSet
+from plait.kernels import KernelSet
 from plait.runtime.attention.base import AttentionBackend
-from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -115,20 +116,21 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, 1.0
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once in fp32; ``forward`` picks the
-    rows [T, head_dim] of a batch's positions, shared by all layers."""
+class RotaryEmbedding:
+    """cos/sin tables for every position, computed once in fp32 (on the CPU, then
+    moved to ``device``); calling it picks the rows [T, head_dim] of a batch's
+    positions, shared by all layers. Not a module: moving or casting the model
+    leaves the tables alone."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int):
-        super().__init__()
+    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device | str = "cpu"):
         inv_freq, scale = rope_inv_freq(cfg)
-        pos = torch.arange(max_positions, dtype=torch.float32)
+        pos = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = pos[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scale, persistent=False)
-        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        self.cos = (emb.cos() * scale).to(device)
+        self.sin = (emb.sin() * scale).to(device)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 
@@ -202,25 +204,35 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaFamilyModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+    def __init__(self, cfg: ModelConfig, ops: KernelSet, rotary: RotaryEmbedding):
         super().__init__()
         self.cfg = cfg
+        self.ops = ops
+        self.rotary = rotary
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
         # Kept apart from the embedding even when tied: the lookup wants [vocab, hidden],
         # the output matmul [hidden, vocab].
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        self.ops: KernelSet = REFERENCE  # the runner picks the set for its device and dtype
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        """Final hidden states (after the last norm) of every token of the batch: [T, hidden]."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        input_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (after the last norm) of every token of a batch: [T, hidden].
+        ``attn`` is prepared for the batch; ``input_embeds`` [T, hidden], when given,
+        replaces the embedding lookup of ``input_ids``."""
         ops = self.ops
-        x = self.embed_tokens(batch.input_ids)  # a fresh tensor: the residual stream
-        cos, sin = (t.to(x.dtype) for t in self.rotary(batch.positions))
-        attn.prepare(batch)
+        if input_embeds is None:
+            x = self.embed_tokens(input_ids)  # a fresh tensor: the residual stream
+        else:
+            x = input_embeds.to(self.embed_tokens.weight.dtype, copy=True)
+        cos, sin = (t.to(x.dtype) for t in self.rotary(positions))
         first = self.layers[0].input_layernorm
         h = ops.rms_norm(x, first.weight, first.eps)
         norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
