@@ -147,5 +147,5 @@ def test_lpm_admits_the_longest_cached_prefix_first(model_dir):
         eng.shutdown()  # stop the loop thread and drive the scheduler by hand
         for r in reqs:
             eng.scheduler.add(r)
-        plan = eng.scheduler._plan()
+        plan = eng.scheduler.batcher.plan()
         assert [p.req.rid for p in plan] == [expected_first], policy

@@ -9,7 +9,7 @@ from plait.radix import NullCache, PrefixCache, RadixCache
 from plait.runtime.kv_pool import SlotAllocator
 from plait.runtime.model_runner import ModelRunner
 from plait.runtime.request import Req
-from plait.runtime.scheduler.batching import Batcher, Planned
+from plait.runtime.scheduler.batching import Batcher
 from plait.runtime.scheduler.grammar import GrammarSteps
 from plait.runtime.scheduler.kv import KVBook
 from plait.runtime.scheduler.output import OutputProcessor
@@ -48,7 +48,7 @@ class Scheduler:
 
     def step(self) -> bool:
         """Run one batch; False when there was nothing to run."""
-        plan = self._plan()
+        plan = self.batcher.plan()
         if not plan:
             return False
         batch = self.batcher.build(plan)
@@ -59,9 +59,6 @@ class Scheduler:
         self.output.process(plan, logits, masks)
         self.batcher.drop_finished()
         return True
-
-    def _plan(self) -> list[Planned]:
-        return self.batcher.plan()
 
     # ---- requests in and out ---------------------------------------------------------
 
