@@ -6,6 +6,15 @@ string or ``data:image/...;base64,`` URL, or a PIL image. The content hash
 (SHA-256 of the decoded RGB pixels and the size) is what the prefix cache and
 the vision-embedding cache will key on, so the same picture sent as a path or
 as base64 is the same image.
+
+Every encoded image (file, bytes, base64) is decoded in one place,
+``load_image_bytes``, which refuses what PIL cannot read, truncated files and
+decompression bombs: an image whose header claims more pixels than PIL's
+``Image.MAX_IMAGE_PIXELS`` (read at each call, so an application that changes
+it is obeyed; ``None`` turns the check off) is refused before its pixels are
+decoded. An HTTP server does not call ``load_image`` on what clients send: it
+calls ``plait.multimodal.media.load_for_request``, which adds the server's rules
+(no local files, URLs with a timeout and a byte limit).
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ def load_image(source: Any) -> LoadedImage:
     if isinstance(source, PILImage.Image):
         image = source
     elif isinstance(source, (bytes, bytearray)):
-        image = _open(bytes(source), "<bytes>")
+        return load_image_bytes(bytes(source), "<bytes>")
     elif isinstance(source, (str, os.PathLike)):
         image = _from_string(os.fspath(source))
     else:
@@ -57,6 +66,23 @@ def load_image(source: Any) -> LoadedImage:
             f"image source of type {type(source).__name__}: expected a path, bytes, "
             "a base64 string or data URL, or a PIL image"
         )
+    return _loaded(image)
+
+
+def load_image_bytes(data: bytes, shown: str) -> LoadedImage:
+    """Decode an encoded image (PNG, JPEG, ...); ``shown`` names its source in errors."""
+    return _loaded(_open(data, shown))
+
+
+def shorten(source: str, limit: int = 80) -> str:
+    """``source`` as an error message shows it: a data URL by its header, long text cut."""
+    if source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        return f"{header[:limit]},...({len(payload)} chars)"
+    return source if len(source) <= limit else source[: limit - 3] + "..."
+
+
+def _loaded(image: PILImage.Image) -> LoadedImage:
     rgb = image.convert("RGB")
     digest = hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}:".encode() + rgb.tobytes())
     return LoadedImage(rgb, digest.hexdigest())
@@ -74,20 +100,38 @@ def _from_string(text: str) -> PILImage.Image:
             return _open(_b64(text, text), "base64 string")
         except ImageError:
             pass
-    raise ImageError(f"image source {text[:80]!r}: no such file, and not base64 image data")
+    raise ImageError(f"image source {shorten(text)!r}: no such file, and not base64 image data")
 
 
 def _b64(payload: str, shown: str) -> bytes:
     try:
         return base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError) as e:
-        raise ImageError(f"image source {shown[:80]!r}: bad base64 ({e})") from None
+        raise ImageError(f"image source {shorten(shown)!r}: bad base64 ({e})") from None
 
 
 def _open(data: bytes, shown: str) -> PILImage.Image:
+    """Decode ``data``: the header first, then (if its size is within the pixel limit)
+    the pixels. PIL raises DecompressionBombError itself past twice its limit, and only
+    warns between once and twice; here both are an ImageError."""
     try:
         image = PILImage.open(io.BytesIO(data))
+        _check_pixels(image.size, shown)
         image.load()
+    except PILImage.DecompressionBombError as e:
+        raise ImageError(
+            f"image source {shorten(shown)!r}: refused as a possible decompression bomb ({e})"
+        ) from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"image source {shown[:80]!r}: not a readable image ({e})") from None
+        raise ImageError(f"image source {shorten(shown)!r}: not a readable image ({e})") from None
     return image
+
+
+def _check_pixels(size: tuple[int, int], shown: str) -> None:
+    limit = PILImage.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise ImageError(
+            f"image source {shorten(shown)!r}: refused as a possible decompression bomb "
+            f"({size[0]}x{size[1]} is {size[0] * size[1]} pixels, more than the limit of "
+            f"{limit}, PIL.Image.MAX_IMAGE_PIXELS)"
+        )

@@ -106,6 +106,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="KV cache size in tokens (default: from --kv-cache-memory-gb)",
     )
     e.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget in GiB")
+    e.add_argument(
+        "--mm-cache-memory-gb",
+        type=float,
+        default=0.5,
+        help="budget in GiB of an image model's vision-embedding cache (0 keeps none)",
+    )
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
@@ -116,6 +122,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         "num_threads": a.threads,
         "max_total_tokens": a.max_total_tokens,
         "kv_cache_memory_gb": a.kv_cache_memory_gb,
+        "mm_cache_memory_gb": a.mm_cache_memory_gb,
     }
 
 
@@ -169,6 +176,7 @@ def check_args(a: argparse.Namespace) -> None:
         _at_least(a, "threads", 1)
         _at_least(a, "max_total_tokens", 1)
         _at_least(a, "kv_cache_memory_gb", 0, strict=True)
+        _at_least(a, "mm_cache_memory_gb", 0)
         _check_device(a.device)
     if a.command == "generate":
         from plait.runtime.sampling_params import SamplingParams
@@ -185,6 +193,21 @@ def check_args(a: argparse.Namespace) -> None:
         _at_least(a, "context_length", 1)
         _at_least(a, "max_top_logprobs_num", 0)
         _at_least(a, "grammar_compile_timeout", 0, strict=True)
+        _check_media_args(a)
+
+
+def _check_media_args(a: argparse.Namespace) -> None:
+    _at_least(a, "media_fetch_timeout", 0, strict=True)
+    _at_least(a, "max_media_bytes", 1)
+    root = a.allowed_local_media_path
+    if root is not None and not pathlib.Path(root).expanduser().is_dir():
+        raise UsageError(f"--allowed-local-media-path={root}: not a directory")
+    for host in a.allowed_media_domains or ():
+        if not host.strip(" .") or any(c in host for c in "/:@ "):
+            raise UsageError(
+                f"--allowed-media-domains: {host!r} is not a host name (give names like "
+                "example.com, without scheme, port or path)"
+            )
 
 
 def _as_flag(message: str) -> str:
@@ -237,6 +260,12 @@ def _serve(a: argparse.Namespace) -> int:
         allow_origins=tuple(a.allow_origins or ()),
         incremental_streaming_output=a.incremental_streaming_output,
         profile_dir=a.profile_dir,
+        allowed_local_media_path=a.allowed_local_media_path,
+        allowed_media_domains=(
+            None if a.allowed_media_domains is None else tuple(a.allowed_media_domains)
+        ),
+        media_fetch_timeout_s=a.media_fetch_timeout,
+        max_media_bytes=a.max_media_bytes,
     )
     serve(
         host=a.host,
@@ -344,6 +373,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="enables /start_profile and /stop_profile, which write torch profiler traces "
         "here (off by default)",
+    )
+    m = v.add_argument_group("media (images a request may make the server read)")
+    m.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        default=None,
+        help="requests may name local image files (paths or file:// URLs) inside DIR, "
+        "symlinks resolved; by default a request reads no local file",
+    )
+    m.add_argument(
+        "--allowed-media-domains",
+        metavar="HOST",
+        nargs="+",
+        default=None,
+        help="image URLs may only name these exact host names (redirects too); by default "
+        "any host, local addresses included",
+    )
+    m.add_argument(
+        "--media-fetch-timeout",
+        type=float,
+        default=5.0,
+        help="seconds an image URL's whole fetch may take",
+    )
+    m.add_argument(
+        "--max-media-bytes",
+        type=int,
+        default=20 * 2**20,
+        help="the most bytes of one image, fetched, read or decoded (default: 20 MiB)",
     )
     v.add_argument(
         "--max-top-logprobs-num",

@@ -96,6 +96,8 @@ class EngineConfig:
     chunked_prefill_size: int = 2048
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
+    # Vision-embedding cache budget (GiB) of an image model's encoder outputs; 0 keeps none.
+    mm_cache_memory_gb: float = 0.5
     # Constrained decoding: the primary grammar backend (the others are fallbacks),
     # the deadline of a slow (outlines) compile, and jump-forward over forced text.
     grammar_backend: str = "llguidance"
@@ -118,6 +120,11 @@ class EngineConfig:
             raise ValueError(f"max_total_tokens={self.max_total_tokens!r}: must be >= 1")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb!r}: must be > 0")
+        if not self.mm_cache_memory_gb >= 0:  # NaN too
+            raise ValueError(
+                f"mm_cache_memory_gb={self.mm_cache_memory_gb!r}: must be >= 0 (0 keeps no "
+                "image embeddings)"
+            )
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests={self.max_running_requests!r}: must be >= 1")
         if self.chunked_prefill_size < 1:
@@ -136,3 +143,8 @@ class EngineConfig:
             raise ValueError(
                 f"schedule_policy={self.schedule_policy!r}: supported: ['lpm', 'fcfs']"
             )
+
+    @property
+    def mm_cache_bytes(self) -> int:
+        """The vision-embedding cache's budget in bytes."""
+        return int(self.mm_cache_memory_gb * 2**30)

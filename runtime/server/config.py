@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from plait.multimodal.media import MediaPolicy
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,13 @@ class ServerConfig:
     # Where /start_profile's traces go; None: profiling is off (a client cannot choose
     # where the server writes, nor leave a profiler growing on a server not meant for it).
     profile_dir: str | None = None
+    # Images a request may make the server read (plait.multimodal.media): local files
+    # only under this directory (None: no local file), URLs only from these exact host
+    # names (None: any host), each fetch within a deadline and a byte limit.
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: tuple[str, ...] | None = None
+    media_fetch_timeout_s: float = 5.0
+    max_media_bytes: int = 20 * 2**20
 
     def __post_init__(self) -> None:
         name = self.served_model_name
@@ -35,3 +47,16 @@ class ServerConfig:
                 f"served model name {name!r} must be a name (like 'smollm2' or "
                 "'org/model'), not a path: clients see it"
             )
+        _ = self.media_policy  # checks the media fields now, not at the first image
+
+    @functools.cached_property
+    def media_policy(self) -> MediaPolicy:
+        """The rules ``load_for_request`` applies to what a request sends."""
+        from plait.multimodal.media import MediaPolicy
+
+        return MediaPolicy(
+            allowed_local_media_path=self.allowed_local_media_path,
+            allowed_media_domains=self.allowed_media_domains,
+            fetch_timeout_s=self.media_fetch_timeout_s,
+            max_bytes=self.max_media_bytes,
+        )
