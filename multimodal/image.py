@@ -118,11 +118,16 @@ def _open(data: bytes, shown: str) -> PILImage.Image:
         image = PILImage.open(io.BytesIO(data))
         _check_pixels(image.size, shown)
         image.load()
-    except PILImage.DecompressionBombError as e:
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as e:
+        # (the warning arrives as an exception where warnings are errors: python -W error)
         raise ImageError(
             f"image source {shorten(shown)!r}: refused as a possible decompression bomb ({e})"
         ) from None
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"image source {shorten(shown)!r}: not a readable image (not a format PIL knows)"
+        ) from None
+    except OSError as e:  # a truncated or corrupt file
         raise ImageError(f"image source {shorten(shown)!r}: not a readable image ({e})") from None
     return image
 

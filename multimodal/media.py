@@ -112,7 +112,7 @@ def load_for_request(source: object, policy: MediaPolicy) -> LoadedImage:
         if name in ("http", "https"):
             return load_image_bytes(fetch(text, policy), text)
         if name == "file":
-            return _local(_file_url_path(text), text, policy)
+            return _local(_file_url_path(text), text, policy, "refused:")
         raise ImageError(
             f"image source {shorten(text)!r}: the {name!r} scheme is not accepted "
             "(send a data URL, base64 or an http(s) URL)"
@@ -120,24 +120,23 @@ def load_for_request(source: object, policy: MediaPolicy) -> LoadedImage:
     data = _strict_base64(text)
     if data is not None:
         try:
-            return load_image_bytes(_capped(data, text, policy), "base64 string")
+            return load_image_bytes(_capped(data, text, policy), text)
         except ImageError:
             if policy._root is None:
                 raise
             # Base64-shaped but not an image: it may be a path (letters and slashes).
-    return _local(text, text, policy)
+    return _local(text, text, policy, "not base64 image data, and")
 
 
 # ---- local files -----------------------------------------------------------------------------
 
 
-def _local(path: str, shown: str, policy: MediaPolicy) -> LoadedImage:
+def _local(path: str, shown: str, policy: MediaPolicy, what: str) -> LoadedImage:
     root = policy._root
     if root is None:
         raise ImageError(
-            f"image source {shorten(shown)!r}: not base64 image data, and this server "
-            "reads no local files (start it with --allowed-local-media-path DIR to allow "
-            "files under DIR)"
+            f"image source {shorten(shown)!r}: {what} this server reads no local files "
+            "(start it with --allowed-local-media-path DIR to allow files under DIR)"
         )
     # Resolve first (symlinks and '..'), check the place, and only then touch the file:
     # whether a path outside the directory exists is not the client's to learn.

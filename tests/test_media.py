@@ -164,7 +164,7 @@ def test_a_truncated_image_is_refused():
 def test_a_decompression_bomb_is_refused_before_decoding():
     bomb = bomb_png()
     assert len(bomb) < 200
-    with pytest.raises(ImageError, match=r"decompression bomb \(100000x100000 is"):
+    with pytest.raises(ImageError, match=r"decompression bomb .*10000000000 pixels"):
         load_for_request(data_url(bomb), MediaPolicy())
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(bomb)
@@ -264,8 +264,8 @@ def test_an_allowed_directory_reached_through_a_symlink_still_works(media, tmp_p
 
 
 def test_a_local_file_over_the_byte_limit_is_refused(media):
-    policy = MediaPolicy(allowed_local_media_path=media, max_bytes=50)
-    with pytest.raises(ImageError, match="more than 50 bytes"):
+    policy = MediaPolicy(allowed_local_media_path=media, max_bytes=20)
+    with pytest.raises(ImageError, match="more than 20 bytes"):
         load_for_request("sub/cat.png", policy)
 
 
