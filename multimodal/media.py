@@ -140,10 +140,14 @@ def _local(path: str, shown: str, policy: MediaPolicy, what: str) -> LoadedImage
         )
     # Resolve first (symlinks and '..'), check the place, and only then touch the file:
     # whether a path outside the directory exists is not the client's to learn.
-    target = Path(path).expanduser()
-    if not target.is_absolute():
-        target = root / target
-    target = target.resolve()
+    try:
+        target = Path(path).expanduser()
+        if not target.is_absolute():
+            target = root / target
+        target = target.resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop, ...
+        # (no detail: the error would show where the server's files are)
+        raise ImageError(f"image source {shorten(shown)!r}: not a usable path") from None
     if not target.is_relative_to(root):
         raise ImageError(
             f"image source {shorten(shown)!r}: outside the allowed local media directory"

@@ -263,6 +263,16 @@ def test_an_allowed_directory_reached_through_a_symlink_still_works(media, tmp_p
     assert load_for_request(str(link / "sub" / "cat.png"), policy).content_hash == EXPECTED
 
 
+def test_a_path_that_cannot_be_a_path_is_an_image_error(media):
+    policy = MediaPolicy(allowed_local_media_path=media)
+    with pytest.raises(ImageError, match="not a usable path"):
+        load_for_request("sub/cat\0.png", policy)
+    (media / "loop").symlink_to(media / "loop")
+    with pytest.raises(ImageError, match="not a usable path$") as err:
+        load_for_request("loop", policy)
+    assert str(media) not in str(err.value)  # the server's directories stay private
+
+
 def test_a_local_file_over_the_byte_limit_is_refused(media):
     policy = MediaPolicy(allowed_local_media_path=media, max_bytes=20)
     with pytest.raises(ImageError, match="more than 20 bytes"):
