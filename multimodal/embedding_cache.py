@@ -151,10 +151,13 @@ class EmbeddingCache:
     def get_or_encode(
         self, keys: Sequence[Hashable], encode_fn: Callable[[list[int]], Sequence[Any]]
     ) -> list[Any]:
-        """The embedding of each key, in order. ``encode_fn(positions)`` is called at most
-        once, with the positions in ``keys`` of the images to encode (the first position
-        of each distinct missing key, ascending), and returns their embeddings in that
-        order. Keys another call is encoding are waited for, not encoded again."""
+        """The embedding of each key, in order. ``encode_fn(positions)`` gets the positions
+        in ``keys`` of the images to encode (the first position of each distinct missing
+        key, ascending) and returns their embeddings in that order. It is called once at
+        most, unless this call waited on another call's encode and that one failed (the
+        images are then encoded here, in a second call). Keys another call is encoding
+        are waited for, not encoded again. An error of ``encode_fn`` propagates and
+        leaves nothing cached or pending for its images."""
         found: dict[Hashable, Any] = {}
         todo = list(dict.fromkeys(keys))  # distinct keys, first appearance first
         while todo:
