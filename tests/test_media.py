@@ -173,7 +173,10 @@ def test_a_decompression_bomb_is_refused_before_decoding():
 def test_pils_pixel_limit_is_the_limit_below_and_above_twice_it(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     # 144 pixels: PIL itself only warns (between once and twice its limit); refused here.
-    with pytest.raises(ImageError, match=r"12x12 is 144 pixels, more than the limit of 100"):
+    with (
+        pytest.warns(Image.DecompressionBombWarning),
+        pytest.raises(ImageError, match=r"12x12 is 144 pixels, more than the limit of 100"),
+    ):
         load_image_bytes(png(size=(12, 12)), "small")
     # 400 pixels: PIL raises DecompressionBombError, which becomes an ImageError.
     with pytest.raises(ImageError, match="decompression bomb"):
