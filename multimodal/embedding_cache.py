@@ -52,6 +52,20 @@ STAT_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
+def prometheus_families(stats: dict[str, Any], prefix: str = "plait_") -> list[Any]:
+    """The figures of ``STAT_FIELDS`` found in ``stats`` (an engine's ``get_stats()``)
+    as Prometheus metric families, for a collector's ``collect`` to yield. A counter
+    shows as ``<name>_total``."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    families = []
+    for name, (kind, doc) in STAT_FIELDS.items():
+        if name in stats:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            families.append(family(prefix + name, doc, value=float(stats[name])))
+    return families
+
+
 def cache_key(content_hash: str, settings: Hashable) -> tuple[str, Hashable]:
     """The key of one image's embedding: its content hash and the processor settings
     that shaped its pixels (two settings give two entries)."""

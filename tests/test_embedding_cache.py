@@ -18,6 +18,7 @@ from plait.multimodal.embedding_cache import (
     EmbeddingCache,
     cache_key,
     nbytes,
+    prometheus_families,
 )
 from plait.multimodal.image import load_image
 from plait.runtime import cli
@@ -296,6 +297,26 @@ def test_stats_count_hits_misses_and_name_every_figure():
     assert all(kind in ("counter", "gauge") for kind, _ in STAT_FIELDS.values())
     cache.clear()
     assert cache.stats().bytes == 0 and cache.stats().hits == 1  # counters stay
+
+
+def test_stats_render_as_prometheus_counters_and_gauges():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    cache = EmbeddingCache(capacity_bytes=1000)
+    cache.get_or_encode(["a", "a", "b"], lambda positions: [emb(10) for _ in positions])
+
+    class Collector:  # what the server's engine collector does with get_stats()
+        def collect(self):
+            yield from prometheus_families({"num_running_reqs": 0, **cache.stats().as_dict()})
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    text = generate_latest(registry).decode()
+    assert "# TYPE plait_mm_cache_hits_total counter" in text
+    assert "plait_mm_cache_hits_total 1.0" in text
+    assert "plait_mm_cache_misses_total 2.0" in text
+    assert "# TYPE plait_mm_cache_bytes gauge" in text and "plait_mm_cache_bytes 80.0" in text
+    assert "num_running_reqs" not in text  # only the cache's own figures
 
 
 def test_engine_config_sizes_the_cache_and_names_a_bad_value():
