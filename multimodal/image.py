@@ -91,16 +91,28 @@ def _loaded(image: PILImage.Image) -> LoadedImage:
 def _from_string(text: str) -> PILImage.Image:
     if text.startswith("data:"):
         _, _, payload = text.partition(",")
-        return _open(_b64(payload, text), "data URL")
+        return _open(_b64(payload, text), text)
     if os.path.exists(text):
         with open(text, "rb") as f:
             return _open(f.read(), text)
-    if len(text) > 64 and "/" not in text[:8]:
-        try:
-            return _open(_b64(text, text), "base64 string")
-        except ImageError:
-            pass
-    raise ImageError(f"image source {shorten(text)!r}: no such file, and not base64 image data")
+    data = strict_base64(text)
+    if data is None:
+        raise ImageError(f"image source {shorten(text)!r}: no such file, and not base64 image data")
+    try:
+        return _open(data, text)
+    except ImageError as e:  # a missing path can be base64-shaped too: say both
+        reason = str(e).partition(": ")[2]
+        raise ImageError(
+            f"image source {shorten(text)!r}: no such file, and as base64: {reason}"
+        ) from None
+
+
+def strict_base64(text: str) -> bytes | None:
+    """The bytes of ``text`` if it is base64 and nothing else (line breaks allowed)."""
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _b64(payload: str, shown: str) -> bytes:

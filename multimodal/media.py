@@ -41,7 +41,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plait.multimodal.image import ImageError, LoadedImage, load_image_bytes, shorten
+from plait.multimodal.image import (
+    ImageError,
+    LoadedImage,
+    load_image_bytes,
+    shorten,
+    strict_base64,
+)
 
 DEFAULT_FETCH_TIMEOUT_S = 5.0
 DEFAULT_MAX_BYTES = 20 * 2**20
@@ -117,7 +123,7 @@ def load_for_request(source: object, policy: MediaPolicy) -> LoadedImage:
             f"image source {shorten(text)!r}: the {name!r} scheme is not accepted "
             "(send a data URL, base64 or an http(s) URL)"
         )
-    data = _strict_base64(text)
+    data = strict_base64(text)
     if data is not None:
         try:
             return load_image_bytes(_capped(data, text, policy), text)
@@ -181,14 +187,6 @@ def _data_url(text: str, policy: MediaPolicy) -> bytes:
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"image source {shorten(text)!r}: bad base64 ({e})") from None
     return _capped(data, text, policy)
-
-
-def _strict_base64(text: str) -> bytes | None:
-    """The bytes of ``text`` if it is base64 (line breaks allowed), else None."""
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 def _capped(data: bytes, shown: str, policy: MediaPolicy) -> bytes:

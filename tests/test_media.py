@@ -186,6 +186,19 @@ def test_pils_pixel_limit_is_the_limit_below_and_above_twice_it(monkeypatch):
     assert load_image_bytes(png(size=(20, 20)), "unchecked").size == (20, 20)
 
 
+def test_in_process_base64_of_any_format_loads_and_says_why_not():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(buf, format="JPEG")
+    jpeg = base64.b64encode(buf.getvalue()).decode()
+    assert jpeg.startswith("/9j/")  # base64 JPEGs look like absolute paths
+    assert load_image(jpeg).size == (8, 8)
+    assert load_for_request(jpeg, MediaPolicy()).size == (8, 8)
+    with pytest.raises(ImageError, match="no such file, and as base64: refused as a possible"):
+        load_image(base64.b64encode(bomb_png()).decode())
+    with pytest.raises(ImageError, match="no such file, and not base64 image data"):
+        load_image("/no/such/picture.png")
+
+
 def test_the_byte_limit_applies_to_encoded_data_too():
     small = MediaPolicy(max_bytes=100)
     with pytest.raises(ImageError, match="more than 100 bytes"):
