@@ -6,6 +6,7 @@ when chunked prefill cuts an image), and image requests kept apart in the prefix
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from tiny_models import make_tiny_idefics3
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import plait
+from plait.multimodal.vision import ImageItem
 from plait.runtime.errors import RequestError
 from plait.runtime.inputs import TEXT_ONLY, image_data_lists
+from plait.runtime.scheduler.images import ImageSplicer
 
 N = 12  # new tokens per request
 
@@ -124,6 +127,33 @@ def test_chunked_prefill_cutting_images_gives_the_same_ids(vlm_dir, hf_greedy, c
         assert eng.get_stats()["num_forward_passes"] > 60 // chunk  # the prompts took chunks
     assert outs[0]["output_ids"] == hf_greedy(prompts[0], [WIDE])
     assert outs[1]["output_ids"] == hf_greedy(prompts[1], [TALL, SQUARE])
+
+
+def test_a_step_takes_the_slice_of_an_image_it_covers():
+    """The splicer writes an image's rows at its placeholders inside the step's range only
+    (a chunk cutting the image takes a slice), and encodes each new image once."""
+    calls = []
+
+    def encode(pixels):
+        calls.append(len(pixels))
+        return [p["rows"] for p in pixels]
+
+    splicer = ImageSplicer(lambda ids: ids.float()[:, None].repeat(1, 2), encode)
+    image = ImageItem("a", [2, 3, 5, 6], {"rows": torch.arange(10.0, 14.0)[:, None].repeat(1, 2)})
+    other = ImageItem("b", [0, 1], {"rows": torch.full((2, 2), -1.0)})
+    plan = [
+        SimpleNamespace(req=SimpleNamespace(image_items=[image]), start=3, extend=3),
+        SimpleNamespace(req=SimpleNamespace(image_items=[other]), start=0, extend=2),
+    ]
+    ids = torch.tensor([7, 8, 9, 20, 21])
+    embeds = splicer.input_embeds(plan, ids)
+    assert embeds[:, 0].tolist() == [11.0, 8.0, 12.0, -1.0, -1.0]
+    assert calls == [2] and image.pixels is None and splicer.num_encoded == 2
+    plan[0].start, plan[0].extend = 6, 1
+    assert splicer.input_embeds(plan[:1], torch.tensor([5]))[:, 0].tolist() == [13.0]
+    assert calls == [2]  # already encoded
+    plan[0].start = 7  # decoding: no placeholder left
+    assert splicer.input_embeds(plan[:1], torch.tensor([5])) is None
 
 
 # ---- the prefix cache and the encoder --------------------------------------------------------

@@ -30,8 +30,6 @@ from plait.multimodal.image import LoadedImage
 from plait.multimodal.vision import ImageItem, ProcessedPrompt
 from plait.runtime.errors import RequestError
 
-ARCHITECTURE = "Idefics3ForConditionalGeneration"
-
 
 class Idefics3Vision(nn.Module):
     """SigLIP encoder + pixel-shuffle connector (transformers' modules and weights)."""
@@ -63,7 +61,9 @@ class Idefics3Vision(nn.Module):
         size = self.patch_size
         patches = mask.unfold(1, size, size).unfold(2, size, size)
         patch_mask = patches.sum(dim=(-1, -2)) > 0
-        hidden = self.vision_model(pixel_values=values, patch_attention_mask=patch_mask)
+        hidden = self.vision_model(
+            pixel_values=values, patch_attention_mask=patch_mask, return_dict=True
+        )
         features = self.connector(hidden.last_hidden_state)  # [tiles, image_seq_len, lm_hidden]
         counts = [p["pixel_values"].shape[0] for p in pixels]
         return [f.reshape(-1, f.shape[-1]) for f in features.split(counts)]
