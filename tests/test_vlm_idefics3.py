@@ -111,8 +111,8 @@ def test_a_batch_mixing_text_and_images_equals_hf(engine, hf_greedy, tmp_path):
 def test_different_images_give_different_continuations(engine):
     """The images reach the model: the same text about two pictures diverges."""
     prompt = ask("<image>", "What is in the picture?")
-    a = engine.generate(prompt, greedy(return_logprob=True), image_data=WIDE)
-    b = engine.generate(prompt, greedy(return_logprob=True), image_data=TALL)
+    a = engine.generate(prompt, greedy(), return_logprob=True, image_data=WIDE)
+    b = engine.generate(prompt, greedy(), return_logprob=True, image_data=TALL)
     assert a["meta_info"]["output_token_logprobs"] != b["meta_info"]["output_token_logprobs"]
 
 
@@ -175,7 +175,7 @@ def test_the_same_image_reuses_its_prefix_and_another_image_does_not(vlm_dir):
         assert splicer.num_encoded == 2
         text = eng.generate(ask("What is in the picture?"), greedy())
         assert text["meta_info"]["cached_tokens"] == 0
-        eng.scheduler.cache.check_integrity()
+        eng._call(eng.scheduler.cache.check_integrity)  # on the loop thread
         assert_kv_all_free(eng)
 
 
