@@ -5,6 +5,7 @@ when chunked prefill cuts an image), and image requests kept apart in the prefix
 
 from __future__ import annotations
 
+import asyncio
 import io
 from types import SimpleNamespace
 
@@ -106,6 +107,16 @@ def test_a_batch_mixing_text_and_images_equals_hf(engine, hf_greedy, tmp_path):
     expected = [[], [WIDE], [SQUARE, TALL]]
     for prompt, imgs, out in zip(prompts, expected, outs, strict=True):
         assert out["output_ids"] == hf_greedy(prompt, imgs), prompt
+
+
+def test_async_generate_with_n_2_shares_one_encoding(engine, hf_greedy):
+    """Both requests of an n=2 prompt see the image (encoded once, shared by the two)."""
+    prompt = ask("<image>", "Once more?")
+    encoded = engine.scheduler.batcher.images.num_encoded
+    outs = asyncio.run(engine.async_generate(prompt, greedy(n=2), image_data=SQUARE))
+    assert engine.scheduler.batcher.images.num_encoded == encoded + 1
+    expected = hf_greedy(prompt, [SQUARE])
+    assert [out["output_ids"] for out in outs] == [expected, expected]
 
 
 def test_different_images_give_different_continuations(engine):
