@@ -85,6 +85,27 @@ class VisionModel(Protocol):
         """Moved / cast like a torch module."""
 
 
+def process_prompt(inputs: ImageInputs, text: str, images: list[Any]) -> ProcessedPrompt:
+    """Load a prompt's images (any source ``load_image`` reads) and run the model's
+    processor; an image that cannot be read or used raises RequestError."""
+    from plait.multimodal.image import ImageError, load_image
+    from plait.runtime.errors import RequestError
+
+    loaded = []
+    for j, source in enumerate(images):
+        try:
+            loaded.append(load_image(source))
+        except ImageError as e:
+            shown = repr(source[:60]) if isinstance(source, (str, bytes)) else type(source).__name__
+            raise RequestError(f"images[{j}]", shown, str(e)) from None
+    try:
+        return inputs(text, loaded)
+    except RequestError:
+        raise
+    except (ValueError, TypeError) as e:  # the processor refused the images
+        raise RequestError("images", f"{len(images)} images", str(e)) from None
+
+
 class ImageInputs(Protocol):
     """The model's processor behind one call: a text prompt and its loaded images in,
     ids and ImageItems out. ``image_token`` is what a prompt writes where an image goes."""

@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-from plait.multimodal.image import ImageError, load_image
-from plait.multimodal.vision import ProcessedPrompt
+from plait.multimodal.vision import process_prompt
 from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.config import EngineConfig, ModelConfig
 from plait.runtime.constrained import GrammarCompiler, TokenizerInfo
@@ -95,13 +94,6 @@ def _as_input(prompt: Any, image_data: Any, *args: Any) -> GenerateInput:
     if args != _DEFAULT_ARGS or image_data is not None:
         raise TypeError("give a GenerateInput alone, or the keyword arguments without one")
     return prompt
-
-
-def _shown(source: Any) -> str:
-    """A short description of an image source for an error message."""
-    if isinstance(source, (str, bytes)):
-        return repr(source[:60])
-    return type(source).__name__
 
 
 def display_name(model: str) -> str:
@@ -235,11 +227,9 @@ class Engine:
         :class:`GenerateInput` may stand for all the arguments:
         ``engine.generate(GenerateInput(prompt=..., ...))``.
 
-        ``image_data`` (vision-language models): for one prompt an image or a list of
-        images, for a batch one entry per prompt (an image, a list, or None); an image
-        is anything ``plait.multimodal.image.load_image`` reads (path, bytes, base64,
-        data URL, PIL image). The prompt writes the model's image placeholder (e.g.
-        ``<image>``) where each image goes."""
+        ``image_data`` (vision-language models; the prompt writes e.g. ``<image>`` where
+        each goes): one image or a list per prompt, for a batch one entry per prompt;
+        an image is what ``plait.multimodal.image.load_image`` reads."""
         inp = _as_input(
             prompt,
             image_data,
@@ -443,7 +433,9 @@ class Engine:
         one result. Raises RequestError for bad input, before any request runs."""
         if self._closed:
             raise EngineShutdownError("engine is shut down")
-        process = self._process_images if self.image_inputs is not None else None
+        process = None  # a vision-language model's processor, run in the caller's thread
+        if self.image_inputs is not None:
+            process = functools.partial(process_prompt, self.image_inputs)
         prompts, single = inp.check(self.tokenizer.encode, self.input_limits, process)
         reqs: list[Req] = []
         for p in prompts:
@@ -458,21 +450,6 @@ class Engine:
                 req.given_rid = p.given_rid if p.given_rid is not None else req.rid
                 reqs.append(req)
         return reqs, single and len(reqs) == 1
-
-    def _process_images(self, text: str, images: list[Any]) -> ProcessedPrompt:
-        """Load a prompt's images and run the model's processor (in the caller's thread)."""
-        loaded = []
-        for j, source in enumerate(images):
-            try:
-                loaded.append(load_image(source))
-            except ImageError as e:
-                raise RequestError(f"images[{j}]", _shown(source), str(e)) from None
-        try:
-            return self.image_inputs(text, loaded)
-        except (ValueError, TypeError) as e:
-            if isinstance(e, RequestError):
-                raise
-            raise RequestError("images", f"{len(images)} images", str(e)) from None
 
     def _make_req(self, rid: str, p: PromptInput, k: int, inp: GenerateInput, sink: Sink) -> Req:
         params = p.params
