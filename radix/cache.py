@@ -177,12 +177,16 @@ class RadixCache:
         return cached
 
     def insert_running(
-        self, tokens: Sequence[int], slots: torch.Tensor, node: TreeNode
+        self,
+        tokens: Sequence[int],
+        slots: torch.Tensor,
+        node: TreeNode,
+        namespace: Hashable | None = None,
     ) -> MatchResult:
         """Cache what a running request has computed and move its lock from ``node`` to
         the node covering ``tokens``; the request's row must point at the returned slots."""
-        self.insert(tokens, slots)
-        match = self.match_prefix(tokens, record=False)
+        self.insert(tokens, slots, namespace)
+        match = self.match_prefix(tokens, namespace, record=False)
         self.lock(match.node)
         self.unlock(node)
         return match
@@ -329,7 +333,11 @@ class NullCache:
         return 0
 
     def insert_running(
-        self, tokens: Sequence[int], slots: torch.Tensor, node: TreeNode
+        self,
+        tokens: Sequence[int],
+        slots: torch.Tensor,
+        node: TreeNode,
+        namespace: Hashable | None = None,
     ) -> MatchResult:
         return MatchResult(self._empty, node)  # nothing cached: the request keeps its slots
 

@@ -44,7 +44,11 @@ class PrefixCache(Protocol):
         """Hand over the KV ``slots`` of ``tokens``: kept, or freed when not needed."""
 
     def insert_running(
-        self, tokens: Sequence[int], slots: torch.Tensor, node: TreeNode
+        self,
+        tokens: Sequence[int],
+        slots: torch.Tensor,
+        node: TreeNode,
+        namespace: Hashable | None = None,
     ) -> MatchResult:
         """Cache what a running request has computed (``tokens``, ``slots``) and move
         its lock from ``node`` to the node covering them. Returns that match: the

@@ -3,10 +3,12 @@ engine's options. Both are frozen; derived values are properties."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from plait.runtime.attention import ATTENTION_BACKENDS
+from plait.runtime.loader import VISION_LANGUAGE_ARCHITECTURES
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 GRAMMAR_BACKENDS = ("llguidance", "outlines")
@@ -32,10 +34,20 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
+    @property
+    def has_vision(self) -> bool:
+        """A vision-language model: this is the shape of its language model."""
+        return self.architecture in VISION_LANGUAGE_ARCHITECTURES
+
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:
-        """Read a transformers config (v4 or v5 field layout)."""
+        """Read a transformers config (v4 or v5 field layout). For a vision-language
+        model, the shape of its language model (``text_config``)."""
         arch = (getattr(hf, "architectures", None) or [type(hf).__name__])[0]
+        if arch in VISION_LANGUAGE_ARCHITECTURES:
+            text = cls.from_hf(hf.text_config)
+            # lm_head.weight is always in the loaded weights (tied or not): load it as is.
+            return dataclasses.replace(text, architecture=arch, tie_word_embeddings=False)
         heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         # transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in rope_theta/rope_scaling.

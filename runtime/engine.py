@@ -31,19 +31,21 @@ from typing import Any
 
 import torch
 
+from plait.multimodal.vision import process_prompt
 from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.config import EngineConfig, ModelConfig
 from plait.runtime.constrained import GrammarCompiler, TokenizerInfo
 from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.device import resolve_device, resolve_dtype
 from plait.runtime.errors import RequestError
-from plait.runtime.inputs import GenerateInput, InputLimits, PromptInput
+from plait.runtime.inputs import GenerateInput, InputLimits, PromptInput, image_data_lists
 from plait.runtime.kv_pool import KVPool
 from plait.runtime.loader import (
     default_cache_dir,
     load_config,
-    load_state_dict,
+    load_image_inputs,
     load_tokenizer,
+    load_weights,
     resolve_model,
 )
 from plait.runtime.model_runner import ModelRunner
@@ -82,12 +84,14 @@ class EngineShutdownError(RuntimeError):
 _DEFAULT_ARGS = (None, None, False, None, None, False, False, None)
 
 
-def _as_input(prompt: Any, *args: Any) -> GenerateInput:
+def _as_input(prompt: Any, image_data: Any, *args: Any) -> GenerateInput:
     """The GenerateInput of a generate call: given as ``prompt``, or built from the
     keyword arguments (SGLang's API)."""
     if not isinstance(prompt, GenerateInput):
-        return GenerateInput(prompt, *args)
-    if args != _DEFAULT_ARGS:
+        inp = GenerateInput(prompt, *args)
+        inp.images = image_data_lists(image_data, inp.prompt, inp.input_ids)
+        return inp
+    if args != _DEFAULT_ARGS or image_data is not None:
         raise TypeError("give a GenerateInput alone, or the keyword arguments without one")
     return prompt
 
@@ -127,25 +131,31 @@ class Engine:
             cfg.kv_cache_memory_gb * 2**30 // per_token
         )
         self.model_name = display_name(model)
+        # A vision-language model's processor (ImageInputs); None for a text model.
+        self.image_inputs = load_image_inputs(self.source) if mc.has_vision else None
         self.input_limits = InputLimits(
             vocab_size=mc.vocab_size,
             context_len=self.context_len,
             max_total_tokens=self.max_total_tokens,
             max_top_logprobs_num=cfg.max_top_logprobs_num,
             model_name=self.model_name,
-            supports_images=False,
+            supports_images=mc.has_vision,
+            image_token=self.image_inputs.image_token if self.image_inputs else None,
         )
 
+        weights, vision = load_weights(self.source, self.dtype)
         self.runner = ModelRunner(
             mc,
-            load_state_dict(self.source, self.dtype),
+            weights,
             device=self.device,
             dtype=self.dtype,
             max_total_tokens=self.max_total_tokens,
             context_len=self.context_len,
             max_running_requests=cfg.max_running_requests,
             attention_backend=cfg.attention_backend,
+            vision=vision,
         )
+        del weights
         self.scheduler = Scheduler(
             self.runner,
             self.tokenizer,
@@ -209,14 +219,20 @@ class Engine:
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        image_data: Any = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (a dict) or a list of prompts (a list of dicts,
         run as one batch). ``n > 1`` gives a list of n results per prompt.
         ``stream=True`` returns an iterator of incremental result dicts. A
         :class:`GenerateInput` may stand for all the arguments:
-        ``engine.generate(GenerateInput(prompt=..., ...))``."""
+        ``engine.generate(GenerateInput(prompt=..., ...))``.
+
+        ``image_data`` (vision-language models; the prompt writes e.g. ``<image>`` where
+        each goes): one image or a list per prompt, for a batch one entry per prompt;
+        an image is what ``plait.multimodal.image.load_image`` reads."""
         inp = _as_input(
             prompt,
+            image_data,
             sampling_params,
             input_ids,
             return_logprob,
@@ -251,11 +267,13 @@ class Engine:
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        image_data: Any = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """The asyncio form of generate; with ``stream=True`` it returns an async
         iterator of incremental result dicts. It too takes a GenerateInput."""
         inp = _as_input(
             prompt,
+            image_data,
             sampling_params,
             input_ids,
             return_logprob,
@@ -415,7 +433,10 @@ class Engine:
         one result. Raises RequestError for bad input, before any request runs."""
         if self._closed:
             raise EngineShutdownError("engine is shut down")
-        prompts, single = inp.check(self.tokenizer.encode, self.input_limits)
+        process = None  # a vision-language model's processor, run in the caller's thread
+        if self.image_inputs is not None:
+            process = functools.partial(process_prompt, self.image_inputs)
+        prompts, single = inp.check(self.tokenizer.encode, self.input_limits, process)
         reqs: list[Req] = []
         for p in prompts:
             grammar = self.grammar_compiler.submit(p.grammar) if p.grammar is not None else None
@@ -457,6 +478,7 @@ class Engine:
             top_logprobs_num=inp.top_logprobs_num or 0,
             return_text_in_logprobs=inp.return_text_in_logprobs,
             jump_forward=not self.config.disable_jump_forward,
+            image_items=p.image_items,
         )
 
     def _cancel_grammars(self, reqs: list[Req]) -> None:

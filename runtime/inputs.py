@@ -17,11 +17,14 @@ torch: the engine turns each PromptInput into scheduler requests.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from plait.runtime.errors import RequestError
 from plait.runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from plait.multimodal.vision import ProcessedPrompt
 
 # The reason a text-only model gives for images (the DSL's image() says the same).
 TEXT_ONLY = "this model is text-only; images need a vision-language model"
@@ -51,15 +54,31 @@ class GenerateInput:
     images: list[list[Any]] | None = None
 
     def check(
-        self, encode: Callable[[str], list[int]], limits: InputLimits
+        self,
+        encode: Callable[[str], list[int]],
+        limits: InputLimits,
+        process_images: Callable[[str, list[Any]], ProcessedPrompt] | None = None,
     ) -> tuple[list[PromptInput], bool]:
         """The prompts of this input, validated, and whether it was a single prompt
-        (not a batch). ``encode`` tokenizes a text prompt."""
+        (not a batch). ``encode`` tokenizes a text prompt; ``process_images`` (a
+        vision-language model's processor) turns a text prompt and its images into
+        ids with the image placeholders expanded, and the images' items."""
         id_lists, single = self._token_ids(encode)
         params_list = self._params_list(len(id_lists))
         rids = self._rids(len(id_lists))
         self._check_logprob_options(limits)
         images = self._images(len(id_lists), limits)
+        items: list[list[Any]] = [[] for _ in id_lists]
+        for i, imgs in enumerate(images):
+            text = self._prompt_text(i, single)
+            _check_placeholders(text, imgs, i if not single else None, limits)
+            if imgs and process_images is not None:
+                if text is None:
+                    raise RequestError(
+                        "input_ids", "<token ids>", "images need the prompt as text, not input_ids"
+                    )
+                processed = process_images(text, imgs)
+                id_lists[i], items[i] = processed.input_ids, processed.images
         prompts = []
         for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
             params = SamplingParams.from_dict(raw).verify(limits.vocab_size)
@@ -89,9 +108,16 @@ class GenerateInput:
                     given_rid=self.rid if isinstance(self.rid, str) else rids[i] or None,
                     capped_max_new_tokens=capped,
                     images=images[i],
+                    image_items=items[i],
                 )
             )
         return prompts, single
+
+    def _prompt_text(self, i: int, single: bool) -> str | None:
+        """Prompt ``i`` as text (None when given as token ids)."""
+        if self.prompt is None:
+            return None
+        return self.prompt if single else self.prompt[i]
 
     def _token_ids(self, encode: Callable[[str], list[int]]) -> tuple[list[list[int]], bool]:
         prompt, input_ids = self.prompt, self.input_ids
@@ -182,6 +208,8 @@ class InputLimits:
     max_top_logprobs_num: int
     model_name: str = "model"
     supports_images: bool = False
+    # What a prompt writes where an image goes (a vision-language model's placeholder).
+    image_token: str | None = None
 
 
 @dataclass
@@ -198,6 +226,47 @@ class PromptInput:
     given_rid: str | None
     capped_max_new_tokens: int | None
     images: list[Any]
+    image_items: list[Any] = field(default_factory=list)  # ImageItems, after processing
+
+
+def image_data_lists(image_data: Any, prompt: Any, input_ids: Any) -> list[list[Any]] | None:
+    """SGLang's ``image_data`` shapes as one list of images per prompt: for one prompt,
+    an image or a list of images; for a batch, a list with one entry per prompt (an
+    image, a list of images, or None)."""
+    if image_data is None:
+        return None
+    if prompt is not None:
+        single = isinstance(prompt, str)
+    else:
+        single = not input_ids or isinstance(input_ids[0], int)
+    if single:
+        return [list(image_data) if isinstance(image_data, list) else [image_data]]
+    if not isinstance(image_data, list):
+        raise RequestError(
+            "image_data", type(image_data).__name__, "a batch takes a list, one entry per prompt"
+        )
+    return [
+        [] if entry is None else list(entry) if isinstance(entry, list) else [entry]
+        for entry in image_data
+    ]
+
+
+def _check_placeholders(
+    text: str | None, images: list[Any], index: int | None, limits: InputLimits
+) -> None:
+    """A text prompt holds one image placeholder per image."""
+    token = limits.image_token
+    if token is None or text is None:
+        return
+    found = text.count(token)
+    if found != len(images):
+        name = "images" if index is None else f"images[{index}]"
+        raise RequestError(
+            name,
+            f"{len(images)} images",
+            f"the prompt has {found} {token!r} placeholders for {len(images)} images; "
+            f"write {token!r} where each image goes",
+        )
 
 
 def check_unicode(name: str, text: str) -> None:

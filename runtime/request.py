@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from plait.multimodal.vision import ImageItem
 from plait.runtime.constrained import CompiledResult, GrammarSpec, Matcher
 from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.sampling_params import SamplingParams
@@ -39,6 +40,7 @@ class Req:
         top_logprobs_num: int = 0,
         return_text_in_logprobs: bool = False,
         jump_forward: bool = True,
+        image_items: list[ImageItem] | None = None,
     ):
         self.rid = rid
         self.input_ids = input_ids
@@ -54,6 +56,14 @@ class Req:
         n = len(input_ids)
         start = n - 1 if logprob_start_len is None or logprob_start_len < 0 else logprob_start_len
         self.logprob_start = min(max(start, 0), n) if return_logprob else n
+        # Images: their placeholder positions in input_ids and their embeddings (spliced
+        # in by the scheduler). Until the prefix cache keys spans by image, a request
+        # with images is cached in a namespace of its own images' content hashes, so it
+        # shares prefixes only with requests showing the same images in the same order.
+        self.image_items: list[ImageItem] = image_items or []
+        self.cache_namespace: tuple[str, ...] | None = (
+            tuple(item.content_hash for item in self.image_items) or None
+        )
 
         # Constrained decoding (set_grammar): the compiled grammar and this request's
         # place in it. Jump-forward is off when logprobs are asked for (forced tokens

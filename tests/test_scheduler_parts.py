@@ -69,7 +69,7 @@ class FakeCache:
         self.calls.append(("insert", list(tokens), slots.tolist()))
         return 0
 
-    def insert_running(self, tokens, slots, node) -> MatchResult:
+    def insert_running(self, tokens, slots, node, namespace=None) -> MatchResult:
         self.calls.append(("insert_running", list(tokens), slots.tolist()))
         return MatchResult(t(), node)
 

@@ -135,3 +135,89 @@ def make_tiny_model(
     model.eval()
     model.save_pretrained(path)
     return str(path)
+
+
+# ---- a tiny vision-language model ------------------------------------------------------------
+
+# The tokens an Idefics3 / SmolVLM tokenizer carries for images, as special tokens.
+IDEFICS3_TOKENS = (
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+    "<global-img>",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)
+# SmolVLM's layout: "User:<image>text<end_of_utterance>\nAssistant:".
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# A tile is 32x32 pixels of 8x8 patches: 16 patches, 4 tokens after the 2x2 pixel shuffle.
+# Images are scaled to a longest edge of 64, so an image is 2 to 4 tiles plus its global view.
+IDEFICS3_TILE = 32
+
+
+def make_tiny_idefics3(path: str | os.PathLike, *, seed: int = 0) -> str:
+    """Save a random Idefics3 (SmolVLM's architecture) with its processor into ``path``:
+    a 2-layer SigLIP-style encoder (hidden 32, 32-pixel tiles), the pixel-shuffle
+    connector and a 2-layer Llama (hidden 64) on the tiny tokenizer plus the image tokens."""
+    path = pathlib.Path(path)
+    tokenizer = make_tokenizer(path)
+    tokenizer.add_tokens(list(IDEFICS3_TOKENS), special_tokens=True)
+    image_processor = transformers.Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * IDEFICS3_TILE},
+        max_image_size={"longest_edge": IDEFICS3_TILE},
+    )
+    processor = transformers.Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=(IDEFICS3_TILE // 8) ** 2 // 4,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    text_config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = transformers.Idefics3VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IDEFICS3_TILE,
+        patch_size=8,
+    )
+    config = transformers.Idefics3Config(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Idefics3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+            elif param.dim() >= 2:  # large weights: greedy tokens depend on the input
+                param.normal_(0.0, 0.3)
+    model.eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)

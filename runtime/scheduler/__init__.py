@@ -5,6 +5,7 @@
     kv.py         KVBook: free slots, reservations, table rows, prefix-cache locks
     grammar.py    grammar masks (on a thread), jump-forward, budget closing
     output.py     logprobs, sampling, stop checks, finishing
+    images.py     image embeddings spliced into a step's input embeddings
 
 The life of a request, and who holds its KV slots and its table row:
 

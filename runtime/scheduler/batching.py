@@ -21,6 +21,7 @@ import torch
 
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.request import Req
+from plait.runtime.scheduler.images import ImageSplicer
 from plait.runtime.scheduler.kv import KVBook
 
 # Past this queue length, lpm's prefix matching costs more than it saves.
@@ -59,8 +60,10 @@ class Batcher:
         chunked_prefill_size: int,
         max_running_requests: int,
         schedule_policy: str,
+        images: ImageSplicer | None = None,
     ):
         self.kv = kv
+        self.images = images  # vision-language models: splices image embeddings in
         self.chunked_prefill_size = chunked_prefill_size
         self.max_running_requests = max_running_requests
         self.schedule_policy = schedule_policy
@@ -121,7 +124,9 @@ class Batcher:
             return
         cache = self.kv.cache
         match = {
-            id(r): cache.match_prefix(r.input_ids[: prefix_cap(r)], record=False).length
+            id(r): cache.match_prefix(
+                r.input_ids[: prefix_cap(r)], r.cache_namespace, record=False
+            ).length
             for r in self.waiting
         }
         self.waiting = deque(sorted(self.waiting, key=lambda r: -match[id(r)]))
@@ -131,17 +136,19 @@ class Batcher:
         same step is computing now (it is cheaper to wait one step and reuse it)."""
         if not admitted or not self.kv.cache.enabled:
             return False
-        cached = self.kv.cache.match_prefix(req.input_ids, record=False).length
+        cached = self.kv.cache.match_prefix(req.input_ids, req.cache_namespace, record=False).length
         return any(
             _common_prefix_len(req.input_ids, other.input_ids) - cached >= MIN_SHARED_PREFIX
             for other in admitted
+            if other.cache_namespace == req.cache_namespace
         )
 
     # ---- the batch -----------------------------------------------------------------
 
     def build(self, plan: list[Planned]) -> ForwardBatch:
         """The ForwardBatch of a plan: each request's next tokens, their new KV slots
-        and the logits rows the step needs."""
+        and the logits rows the step needs (and, when a row is an image placeholder,
+        the input embeddings with the image's rows spliced in)."""
         slots = self.kv.allocate([p.req for p in plan], [p.extend for p in plan])
         ids: list[int] = []
         positions: list[int] = []
@@ -174,8 +181,9 @@ class Batcher:
         # A token's column in its row is its position in the sequence.
         rows_t = req_rows if one_each else torch.tensor(token_rows, dtype=torch.int64, device=dev)
         write_rows, write_cols, write_slots = self.kv.table_writes(rows_t, positions_t, slots)
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
         return ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            input_ids=ids_t,
             positions=positions_t,
             out_slots=slots,
             req_rows=req_rows,
@@ -185,6 +193,7 @@ class Batcher:
             write_rows=write_rows,
             write_cols=write_cols,
             write_slots=write_slots,
+            input_embeds=self.images.input_embeds(plan, ids_t) if self.images else None,
         )
 
 

@@ -52,7 +52,9 @@ class KVBook:
         a table row lent the matched slots. False if the KV does not fit yet."""
         # Counted in the hit rate only once admitted: a request that waits for KV is
         # matched again next step and must not count twice.
-        match = self.cache.match_prefix(req.input_ids[:prefix_cap], record=False)
+        match = self.cache.match_prefix(
+            req.input_ids[:prefix_cap], req.cache_namespace, record=False
+        )
         self.cache.lock(match.node)
         req.cached_tokens = req.tree_len = req.num_computed = match.length
         short = req.kv_needed - self.available_slots
@@ -74,7 +76,7 @@ class KVBook:
         if req.row is not None:
             n = req.num_computed
             slots = self.table.table[req.row, :n].clone()
-            self.cache.insert(req.fill_ids(0, n), slots)
+            self.cache.insert(req.fill_ids(0, n), slots, req.cache_namespace)
             self.cache.unlock(req.last_node)
             req.last_node = None
             self._lent.pop(req.row, None)  # nobody reads the row any more
@@ -128,7 +130,7 @@ class KVBook:
         if n > 1:
             tokens = req.fill_ids(0, req.num_computed)
             slots = self.table.table[req.row, : req.num_computed].clone()
-            match = self.cache.insert_running(tokens, slots, req.last_node)
+            match = self.cache.insert_running(tokens, slots, req.last_node, req.cache_namespace)
             req.last_node, req.tree_len = match.node, match.length
             self._lend(req.row, match.slots)
 

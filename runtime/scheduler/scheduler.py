@@ -11,6 +11,7 @@ from plait.runtime.model_runner import ModelRunner
 from plait.runtime.request import Req
 from plait.runtime.scheduler.batching import Batcher
 from plait.runtime.scheduler.grammar import GrammarSteps
+from plait.runtime.scheduler.images import ImageSplicer
 from plait.runtime.scheduler.kv import KVBook
 from plait.runtime.scheduler.output import OutputProcessor
 
@@ -34,11 +35,15 @@ class Scheduler:
             allocator.free, device
         )
         self.kv = KVBook(cache, allocator, max_running_requests, context_len, device)
+        images = None
+        if runner.vision is not None:
+            images = ImageSplicer(runner.embed, runner.encode_images)
         self.batcher = Batcher(
             self.kv,
             chunked_prefill_size=chunked_prefill_size,
             max_running_requests=max_running_requests,
             schedule_policy=schedule_policy,
+            images=images,
         )
         self.grammar = GrammarSteps(tokenizer, runner.cfg.vocab_size, eos_token_ids, context_len)
         self.output = OutputProcessor(self.kv, self.grammar, tokenizer, eos_token_ids, context_len)
