@@ -10,7 +10,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
-from tiny_models import make_tiny_model, make_tokenizer  # noqa: E402
+from tiny_models import make_tiny_idefics3, make_tiny_model, make_tokenizer  # noqa: E402
 
 
 def default_model_installed() -> bool:
@@ -47,6 +47,32 @@ def tiny_model_dir(tmp_path_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def idefics3_dir(tmp_path_factory) -> str:
+    """A tiny random Idefics3 (SmolVLM's architecture) saved with its processor."""
+    return make_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
+
+
+@pytest.fixture(scope="session")
+def idefics3_hf_greedy(idefics3_dir):
+    """``run(prompt, images, n) -> ids``: transformers' greedy continuation on the tiny
+    Idefics3 (the reference its tests compare with)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(idefics3_dir)
+    model = AutoModelForImageTextToText.from_pretrained(idefics3_dir, dtype=torch.float32).eval()
+
+    def run(prompt: str, images: list, n: int) -> list[int]:
+        inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
+        out = model.generate(
+            **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    return run
 
 
 @pytest.fixture(scope="session")
