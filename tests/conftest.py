@@ -56,14 +56,20 @@ def idefics3_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def idefics3_hf_greedy(idefics3_dir):
-    """``run(prompt, images, n) -> ids``: transformers' greedy continuation on the tiny
-    Idefics3 (the reference its tests compare with)."""
+def idefics3_hf(idefics3_dir):
+    """transformers' processor and model of the tiny Idefics3 (the reference)."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(idefics3_dir)
     model = AutoModelForImageTextToText.from_pretrained(idefics3_dir, dtype=torch.float32).eval()
+    return processor, model
+
+
+@pytest.fixture(scope="session")
+def idefics3_hf_greedy(idefics3_hf):
+    """``run(prompt, images, n) -> ids``: transformers' greedy continuation."""
+    processor, model = idefics3_hf
 
     def run(prompt: str, images: list, n: int) -> list[int]:
         inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
@@ -71,6 +77,26 @@ def idefics3_hf_greedy(idefics3_dir):
             **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
         )
         return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def idefics3_hf_logprobs(idefics3_hf):
+    """``run(prompt, images, continuation) -> (prompt ids, log_softmax [T, vocab])``:
+    transformers' next-token log-probabilities over the prompt and a continuation."""
+    import torch
+
+    processor, model = idefics3_hf
+
+    def run(prompt: str, images: list, continuation: list[int]):
+        inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        inputs["input_ids"] = torch.tensor([ids + continuation])
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        with torch.no_grad():
+            logits = model(**inputs).logits[0].float()
+        return ids, torch.log_softmax(logits, -1)
 
     return run
 

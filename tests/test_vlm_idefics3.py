@@ -14,6 +14,7 @@ import pytest
 import torch
 from common import GREEDY, assert_kv_all_free
 from PIL import Image
+from test_media import bomb_png
 
 import plait
 from plait.multimodal.vision import ImageItem
@@ -80,6 +81,38 @@ def test_two_images_in_one_prompt_equal_hf(engine, hf_greedy):
     prompt = ask("<image>", "and", "<image>", "Which is taller?")
     out = engine.generate(prompt, greedy(), image_data=[png(TALL), SQUARE])
     assert out["output_ids"] == hf_greedy(prompt, [TALL, SQUARE])
+
+
+def test_logprobs_over_the_prompt_and_output_equal_hf(engine, idefics3_hf_logprobs):
+    prompt = ask("Look:", "<image>", "and", "<image>", "Which is wider?")
+    out = engine.generate(
+        prompt,
+        greedy(),
+        image_data=[WIDE, TALL],
+        return_logprob=True,
+        logprob_start_len=0,
+        top_logprobs_num=3,
+    )
+    ids, ref = idefics3_hf_logprobs(prompt, [WIDE, TALL], out["output_ids"])
+    meta = out["meta_info"]
+    inp, outp = meta["input_token_logprobs"], meta["output_token_logprobs"]
+    assert [t for _, t, _ in inp] == ids and [t for _, t, _ in outp] == out["output_ids"]
+    for i in range(1, len(ids)):  # image placeholders included
+        assert inp[i][0] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+    for j, (lp, tok, _) in enumerate(outp):
+        assert lp == pytest.approx(ref[len(ids) - 1 + j, tok].item(), abs=1e-4)
+        top = meta["output_top_logprobs"][j]
+        assert [t for _, t, _ in top] == ref[len(ids) - 1 + j].topk(3).indices.tolist()
+
+
+def test_images_in_two_turns_equal_hf(engine, hf_greedy):
+    """A second user turn shows another image; the first turn's image stays in the prompt."""
+    first = ask("<image>", "What is this?")
+    answer = engine.generate(first, greedy(), image_data=WIDE)["text"]
+    second = first + answer + "<end_of_utterance>\n" + ask("<image>", "And this one?")
+    out = engine.generate(second, greedy(), image_data=[WIDE, SQUARE])
+    assert out["output_ids"] == hf_greedy(second, [WIDE, SQUARE])
+    assert out["meta_info"]["cached_tokens"] > 0  # the first turn came from the cache
 
 
 def test_a_batch_mixing_text_and_images_equals_hf(engine, hf_greedy, tmp_path):
@@ -202,3 +235,30 @@ def test_image_data_takes_sglang_shapes():
     assert image_data_lists("x", None, [1, 2]) == [["x"]]
     with pytest.raises(RequestError, match="one entry per prompt"):
         image_data_lists("x", ["a", "b"], None)
+
+
+def test_broken_images_are_refused_and_nothing_leaks(engine, vlm_dir):
+    """Truncated bytes, a decompression bomb, an odd mode and image tokens past the
+    context: each a RequestError naming the image; the engine keeps serving."""
+    truncated = png(WIDE)[:200]
+    with pytest.raises(RequestError, match="truncated|not a readable image") as err:
+        engine.generate(ask("<image>"), greedy(), image_data=[truncated])
+    assert err.value.field == "images[0]"
+
+    with pytest.raises(RequestError, match="decompression bomb") as err:
+        engine.generate(
+            ask("a", "<image>", "b", "<image>"), greedy(), image_data=[WIDE, bomb_png()]
+        )
+    assert err.value.field == "images[1]"
+
+    cmyk = WIDE.convert("CMYK")  # converted to RGB like transformers does: still one image
+    out = engine.generate(ask("<image>", "?"), greedy(), image_data=cmyk)
+    assert out["meta_info"]["completion_tokens"] == N
+
+    with plait.Engine(model=vlm_dir, max_total_tokens=2048, context_length=48) as small:
+        with pytest.raises(RequestError, match="context") as err:
+            small.generate(ask("<image>", "?"), greedy(), image_data=WIDE)  # 5 views x 4
+        assert err.value.field in ("input_ids", "prompt", "text")
+        assert_kv_all_free(small)
+    assert engine.generate(ask("<image>", "?"), greedy(), image_data=SQUARE)["output_ids"]
+    assert_kv_all_free(engine)
