@@ -223,16 +223,19 @@ def make_tiny_idefics3(path: str | os.PathLike, *, seed: int = 0) -> str:
     return str(path)
 
 
-# LLaVA's layout (llava-1.5's template): "USER: <image>\ntext ASSISTANT:", images first in a turn.
+# LLaVA's layout (llava-1.5's): "USER: <image>\ntext ASSISTANT: answer", a message's images
+# before its text; turn by turn, so plait's DSL can cut its role prefixes from it.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% else %}{{ 'ASSISTANT: ' }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT:' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
+    "{{ '<image>\\n' }}{% endfor %}"
     "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ part['text'] }}{% endfor %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ ' ' }}{% else %}{{ '<|im_end|>' }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|im_end|>' }}{% else %}{{ '\\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )

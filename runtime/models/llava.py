@@ -66,9 +66,10 @@ class LlavaVision(nn.Module):
         param = next(self.parameters())
         values = torch.cat([p["pixel_values"] for p in pixels]).to(param.device, param.dtype)
         layers = self.feature_layer
-        # Asking for the selected layers' hidden states only, as transformers does.
-        out = self.vision_tower(values, output_hidden_states=layers, return_dict=True)
         chosen = [layers] if isinstance(layers, int) else list(layers)
+        # Only the chosen layers' hidden states are kept (transformers' selection by index;
+        # as a list, so that layer 0 is not taken for "no hidden states").
+        out = self.vision_tower(values, output_hidden_states=chosen, return_dict=True)
         states = [out.hidden_states[i] for i in chosen]
         if self.select_strategy == "default":  # drop the CLS row
             states = [s[:, 1:] for s in states]
