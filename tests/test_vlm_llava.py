@@ -27,6 +27,7 @@ from transformers import (
 
 import plait
 from plait.multimodal.image import load_image
+from plait.multimodal.vision import process_prompt
 from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.config import ModelConfig
 from plait.runtime.errors import RequestError
@@ -184,6 +185,9 @@ def test_the_processor_cuts_one_item_per_image(vlm_dir):
         inputs.image_token_id
     ] * 32
     assert first.content_hash != second.content_hash
+    # the processor itself refuses a count mismatch (whatever checked the prompt before)
+    with pytest.raises(RequestError, match="number of images"):
+        process_prompt(inputs, ask("<image><image>", "One?"), [picture(40, 30, 1)])
 
 
 def test_the_chat_template_gives_the_prompt_layout(vlm_dir):

@@ -259,6 +259,14 @@ def make_tiny_llava(
         raise ValueError(f"unknown LLaVA variant text={text!r} vision={vision!r}")
     path = pathlib.Path(path)
     tokenizer = make_tokenizer(path)
+    if text == "llama":  # a Llama tokenizer starts every encoding with BOS
+        bos = (tokenizer.bos_token, tokenizer.bos_token_id)
+        tokenizer.backend_tokenizer.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(single=f"{bos[0]} $A", special_tokens=[bos]),
+            ]
+        )
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     size = {"height": LLAVA_IMAGE, "width": LLAVA_IMAGE}
