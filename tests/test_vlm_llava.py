@@ -7,6 +7,7 @@ images, and chunked prefill cutting an image; each image runs through the encode
 
 from __future__ import annotations
 
+import asyncio
 import copy
 
 import numpy as np
@@ -260,6 +261,18 @@ def test_a_batch_mixing_text_and_images_equals_hf(engine, hf_run):
     for prompt, imgs, out in zip(prompts, expected, outs, strict=True):
         assert_equals_hf(out, hf_run(prompt, imgs))
     assert encoded == 3
+    assert_kv_all_free(engine)
+
+
+def test_n_2_encodes_the_shared_image_once(engine, hf_run):
+    """Both samples of an n=2 prompt share its image items: one encoder pass."""
+    image = picture(44, 52, 45)
+    prompt = ask("<image>\n", "Once more?")
+    before = engine.scheduler.batcher.images.num_encoded
+    outs = asyncio.run(engine.async_generate(prompt, greedy(n=2), image_data=image))
+    assert engine.scheduler.batcher.images.num_encoded == before + 1
+    expected, _ = hf_run(prompt, [image])
+    assert [out["output_ids"] for out in outs] == [expected, expected]
     assert_kv_all_free(engine)
 
 
