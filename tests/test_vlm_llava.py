@@ -1,9 +1,10 @@
 """LLaVA on plait's runtime, exact against HF transformers on tiny random models saved with
 their processors: a Llama language model behind a CLIP encoder (one feature layer, CLS row
-dropped) and a Qwen2 one behind SigLIP (two feature layers, every row kept). Greedy ids and
-the logprobs of every output token (and its top alternatives) equal transformers'
-``generate`` for one image, several images, images in two turns, a batch mixing text and
-images, and chunked prefill cutting an image; each image runs through the encoder once."""
+dropped), a Qwen2 one behind SigLIP (two feature layers, every row kept) and a Mistral one
+behind CLIP (BakLLaVA's pairing). Greedy ids and the logprobs of every output token (and
+its top alternatives) equal transformers' ``generate`` for one image, several images,
+images in two turns, a batch mixing text and images, and chunked prefill cutting an image;
+each image runs through the encoder once."""
 
 from __future__ import annotations
 
@@ -50,7 +51,11 @@ def ask(*parts: str) -> str:
     return "USER: " + "".join(parts) + " ASSISTANT:"
 
 
-@pytest.fixture(scope="module", params=[("llama", "clip"), ("qwen2", "siglip")], ids="-".join)
+@pytest.fixture(
+    scope="module",
+    params=[("llama", "clip"), ("qwen2", "siglip"), ("mistral", "clip")],
+    ids="-".join,
+)
 def vlm_dir(request, tmp_path_factory) -> str:
     text, vision = request.param
     return make_tiny_llava(
