@@ -37,5 +37,10 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
             "plait.runtime.models.idefics3",
             "model.text_model.",
         ),
+        VisionFamily(
+            "LlavaForConditionalGeneration",
+            "plait.runtime.models.llava",
+            "model.language_model.",
+        ),
     )
 }

@@ -221,3 +221,119 @@ def make_tiny_idefics3(path: str | os.PathLike, *, seed: int = 0) -> str:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
+
+
+# LLaVA's layout (llava-1.5's): "USER: <image>\ntext ASSISTANT: answer", a message's images
+# before its text; turn by turn, so plait's DSL can cut its role prefixes from it.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT:' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ part['text'] }}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|im_end|>' }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# An image is a 32x32 crop of 8x8 patches: 16 image tokens (CLIP's CLS row is dropped by the
+# "default" strategy; SigLIP has none and keeps every row with "full").
+LLAVA_IMAGE = 32
+
+
+def make_tiny_llava(
+    path: str | os.PathLike, *, text: str = "llama", vision: str = "clip", seed: int = 0
+) -> str:
+    """Save a random LLaVA with its processor into ``path``: a 3-layer CLIP or SigLIP
+    encoder (hidden 32, 32-pixel crops of 8-pixel patches), the two-layer MLP projector
+    and a 2-layer ``text`` ("llama" / "qwen2" / "mistral") language model (hidden 64) on
+    the tiny tokenizer plus ``<image>``.
+
+    CLIP reads the second-to-last layer and drops the CLS row (llava-1.5's settings);
+    SigLIP concatenates two layers' features and keeps every row (a list-valued
+    ``vision_feature_layer`` with the "full" strategy)."""
+    if text not in _CONFIGS or vision not in ("clip", "siglip"):
+        raise ValueError(f"unknown LLaVA variant text={text!r} vision={vision!r}")
+    path = pathlib.Path(path)
+    tokenizer = make_tokenizer(path)
+    if text == "llama":  # a Llama tokenizer starts every encoding with BOS
+        bos = (tokenizer.bos_token, tokenizer.bos_token_id)
+        tokenizer.backend_tokenizer.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(single=f"{bos[0]} $A", special_tokens=[bos]),
+            ]
+        )
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    size = {"height": LLAVA_IMAGE, "width": LLAVA_IMAGE}
+    vision_kwargs = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=LLAVA_IMAGE,
+        patch_size=8,
+    )
+    if vision == "clip":
+        image_processor = transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": LLAVA_IMAGE}, crop_size=size
+        )
+        vision_config = transformers.CLIPVisionConfig(**vision_kwargs, projection_dim=32)
+        settings = dict(vision_feature_layer=-2, vision_feature_select_strategy="default")
+        extra_tokens = 1  # CLS
+    else:
+        image_processor = transformers.SiglipImageProcessorPil(size=size)
+        vision_config = transformers.SiglipVisionConfig(**vision_kwargs)
+        settings = dict(vision_feature_layer=[-3, -1], vision_feature_select_strategy="full")
+        extra_tokens = 0
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy=settings["vision_feature_select_strategy"],
+        num_additional_image_tokens=extra_tokens,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    text_kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if text == "mistral":
+        text_kwargs["sliding_window"] = None
+    text_config = _CONFIGS[text](**text_kwargs)
+    config = transformers.LlavaConfig(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        image_token_id=image_token_id,
+        image_seq_length=(LLAVA_IMAGE // 8) ** 2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+        **settings,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "layer_norm1.weight", "layer_norm2.weight")):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+            elif param.dim() >= 2:  # large weights: greedy tokens depend on the input
+                param.normal_(0.0, 0.3)
+    model.eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
