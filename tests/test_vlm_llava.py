@@ -196,6 +196,13 @@ def test_the_processor_cuts_one_item_per_image(vlm_dir):
         process_prompt(inputs, ask("<image><image>", "One?"), [picture(40, 30, 1)])
 
 
+def test_a_processor_without_patch_size_is_refused_at_load(vlm_dir):
+    processor = AutoProcessor.from_pretrained(vlm_dir)
+    processor.patch_size = None  # an older processor_config.json
+    with pytest.raises(ValueError, match="no patch_size"):
+        LlavaInputs(processor)
+
+
 def test_the_chat_template_gives_the_prompt_layout(vlm_dir):
     """The processor's template writes what ``ask`` writes, and plait cuts its roles."""
     processor = AutoProcessor.from_pretrained(vlm_dir)
