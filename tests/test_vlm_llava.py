@@ -196,6 +196,13 @@ def test_the_processor_cuts_one_item_per_image(vlm_dir):
         process_prompt(inputs, ask("<image><image>", "One?"), [picture(40, 30, 1)])
 
 
+def test_a_processor_without_patch_size_is_refused_at_load(vlm_dir):
+    processor = AutoProcessor.from_pretrained(vlm_dir)
+    processor.patch_size = None  # an older processor_config.json
+    with pytest.raises(ValueError, match="no patch_size"):
+        LlavaInputs(processor)
+
+
 def test_the_chat_template_gives_the_prompt_layout(vlm_dir):
     """The processor's template writes what ``ask`` writes, and plait cuts its roles."""
     processor = AutoProcessor.from_pretrained(vlm_dir)
@@ -245,10 +252,10 @@ def test_images_in_two_turns_equal_hf(engine, hf_run):
     turn2 = turn1 + answer + "<|im_end|>" + ask("<image>\n", "And this one?")
     out2, encoded2 = generate(engine, turn2, [first, second])
     assert_equals_hf(out2, hf_run(turn2, [first, second]))
-    assert encoded1 == 1
-    # Each image of turn 2 at most once: the new one surely; the first one again only while
-    # the prefix cache keeps image requests apart by their whole list of images.
-    assert 1 <= encoded2 <= 2
+    # The prefix cache holds turn 1, first image included: only the new image is encoded.
+    assert encoded1 == 1 and encoded2 == 1
+    items = engine.image_inputs(turn2, [load_image(first), load_image(second)]).images
+    assert out2["meta_info"]["cached_tokens"] > items[0].positions[-1]
     assert_kv_all_free(engine)
 
 
@@ -266,6 +273,21 @@ def test_a_batch_mixing_text_and_images_equals_hf(engine, hf_run):
     for prompt, imgs, out in zip(prompts, expected, outs, strict=True):
         assert_equals_hf(out, hf_run(prompt, imgs))
     assert encoded == 3
+    assert_kv_all_free(engine)
+
+
+def test_the_same_image_after_other_text_comes_from_the_embedding_cache(engine, hf_run):
+    """No shared prefix reaches the image, yet its encoder rows are reused."""
+    image = picture(50, 50, 46)
+    _, encoded1 = generate(engine, ask("<image>\n", "What is it?"), image)
+    hits = engine.get_stats()["mm_cache_hits"]
+    prompt = ask("Look at this:", "<image>\n", "What colour is it?")
+    out, encoded2 = generate(engine, prompt, image)
+    assert (encoded1, encoded2) == (1, 0)
+    assert engine.get_stats()["mm_cache_hits"] == hits + 1
+    (item,) = engine.image_inputs(prompt, [load_image(image)]).images
+    assert out["meta_info"]["cached_tokens"] < item.offset  # the shared prefix ends before it
+    assert_equals_hf(out, hf_run(prompt, [image]))
     assert_kv_all_free(engine)
 
 

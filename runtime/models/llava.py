@@ -82,6 +82,13 @@ class LlavaInputs:
     """The model's LlavaProcessor behind the ImageInputs call."""
 
     def __init__(self, processor: Any):
+        if getattr(processor, "patch_size", None) is None:
+            # Older processor configs left the expansion to the model; transformers 5's
+            # processor needs it to know how many <image> tokens an image takes.
+            raise ValueError(
+                "LLaVA: the processor has no patch_size (processor_config.json); set it and "
+                "vision_feature_select_strategy to the model config's values"
+            )
         self.processor = processor
         self.image_token: str = processor.image_token
         self.image_token_id: int = processor.image_token_id
