@@ -37,5 +37,15 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
             "plait.runtime.models.idefics3",
             "model.text_model.",
         ),
+        VisionFamily(
+            "Qwen2VLForConditionalGeneration",
+            "plait.runtime.models.qwen2_vl",
+            "model.language_model.",
+        ),
+        VisionFamily(
+            "Qwen2_5_VLForConditionalGeneration",
+            "plait.runtime.models.qwen2_vl",
+            "model.language_model.",
+        ),
     )
 }

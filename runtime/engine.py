@@ -482,6 +482,7 @@ class Engine:
             return_text_in_logprobs=inp.return_text_in_logprobs,
             jump_forward=not self.config.disable_jump_forward,
             image_items=p.image_items,
+            mrope=(p.mrope_positions, p.mrope_delta),
         )
 
     def _cancel_grammars(self, reqs: list[Req]) -> None:
