@@ -19,6 +19,7 @@ from transformers import AutoModelForImageTextToText
 
 import plait
 from plait.multimodal.image import load_image
+from plait.runtime.errors import RequestError
 from plait.runtime.models.qwen2_vl import Qwen2VLInputs, load_processor, mrope_positions
 from plait.runtime.scheduler.mrope import mrope_positions as step_positions
 
@@ -178,6 +179,14 @@ def test_the_same_image_again_reuses_its_prefix(engine, hf):
     assert again["meta_info"]["cached_tokens"] == n - 2
     assert_equals_hf(again, hf(prompt, [SQUARE]))
     assert again["output_ids"] == first["output_ids"]
+    assert_kv_all_free(engine)
+
+
+def test_placeholders_must_match_the_images(engine):
+    with pytest.raises(RequestError, match="1 '<.vision_start.><.image_pad.><.vision_end.>' pl"):
+        generate(engine, ask(IMAGE, "two?"), [WIDE, TALL])
+    with pytest.raises(RequestError, match="0 '<.vision_start.>"):
+        generate(engine, ask("<|image_pad|>", "bare pad?"), [WIDE])
     assert_kv_all_free(engine)
 
 

@@ -10,9 +10,10 @@ this module holds the rest:
 - ``Qwen2VLVision``: transformers' ``model.visual`` with the checkpoint's weights. The
   images of a step go through it in one call (their patches laid end to end, one
   ``image_grid_thw`` row each), as transformers runs the images of one prompt.
-- ``Qwen2VLInputs``: the model's own processor. Each ``<|image_pad|>`` of the prompt
-  (written ``<|vision_start|><|image_pad|><|vision_end|>``) expands to one token per
-  merged 2x2 block of the image's ``t x h x w`` patch grid.
+- ``Qwen2VLInputs``: the model's own processor. A prompt writes
+  ``<|vision_start|><|image_pad|><|vision_end|>`` where each image goes; the processor
+  expands the ``<|image_pad|>`` to one token per merged 2x2 block of the image's
+  ``t x h x w`` patch grid.
 - ``mrope_positions``: the prompt's 3-D positions (temporal, height, width). Text tokens
   count up on all three axes; an image's tokens sit on its merged grid, each axis
   starting where the text before it stopped, and the text after the image resumes at
@@ -98,7 +99,9 @@ class Qwen2VLInputs:
 
     def __init__(self, processor: Any):
         self.processor = processor
-        self.image_token: str = processor.image_token
+        # What a prompt writes per image: the pad token inside the vision markers, as the
+        # model's chat template writes it (the processor expands the pad token).
+        self.image_token: str = f"<|vision_start|>{processor.image_token}<|vision_end|>"
         self.image_token_id: int = processor.image_token_id
         self.merge: int = processor.image_processor.merge_size
 
@@ -115,7 +118,7 @@ class Qwen2VLInputs:
             raise RequestError(
                 "images",
                 f"{len(images)} images",
-                f"the prompt's expanded {self.image_token!r} tokens hold {len(runs)} images",
+                f"the prompt's expanded image tokens hold {len(runs)} images",
             )
         items, patch, placed = [], 0, []
         for image, (start, end), grid in zip(images, runs, grids):
