@@ -13,6 +13,9 @@ from plait.runtime.loader import VISION_LANGUAGE_ARCHITECTURES
 _ROPE_TYPES = ("default", "linear", "llama3")
 # Qwen2 language models (q/k/v biases), also as the text side of Qwen2-VL / Qwen2.5-VL.
 _QWEN2_TEXT = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+# Language models with M-RoPE, and transformers' sections when a config gives none.
+_MROPE_TEXT = ("qwen2_vl_text", "qwen2_5_vl_text")
+_DEFAULT_MROPE_SECTION = (16, 24, 24)
 GRAMMAR_BACKENDS = ("llguidance", "outlines")
 
 
@@ -60,6 +63,8 @@ class ModelConfig:
         theta = rope.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0
         scaling = rope or dict(getattr(hf, "rope_scaling", None) or {})
         mrope = scaling.pop("mrope_section", None)
+        if mrope is None and getattr(hf, "model_type", "") in _MROPE_TEXT:
+            mrope = _DEFAULT_MROPE_SECTION
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in _ROPE_TYPES:
             raise ValueError(

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import transformers
 from common import GREEDY, assert_kv_all_free
 from PIL import Image
 from tiny_models import make_tiny_qwen2_vl
@@ -19,6 +20,7 @@ from transformers import AutoModelForImageTextToText
 
 import plait
 from plait.multimodal.image import load_image
+from plait.runtime.config import ModelConfig
 from plait.runtime.errors import RequestError
 from plait.runtime.models.qwen2_vl import Qwen2VLInputs, load_processor, mrope_positions
 from plait.runtime.scheduler.mrope import mrope_positions as step_positions
@@ -236,3 +238,21 @@ def test_a_step_takes_the_columns_of_its_chunk():
         [13, 14, 3, 4, 6],
     ]
     assert step_positions(plan[1:], positions[4:]) is None
+
+
+def test_the_language_model_config_of_real_shaped_checkpoints():
+    """A Qwen2-VL config in transformers 4's layout (``rope_scaling`` of type mrope at the
+    top) and a Qwen2.5-VL config giving no sections (transformers' default applies)."""
+    qwen2_vl = transformers.Qwen2VLConfig(
+        architectures=["Qwen2VLForConditionalGeneration"],
+        hidden_size=1536,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        rope_theta=1000000.0,
+    )
+    cfg = ModelConfig.from_hf(qwen2_vl)
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.attention_bias) == (128, 2, True)
+    assert (cfg.mrope_section, cfg.rope_scaling, cfg.rope_theta) == ((16, 24, 24), None, 1e6)
+    qwen2_5_vl = transformers.Qwen2_5_VLConfig(architectures=["Qwen2_5_VLForConditionalGeneration"])
+    assert ModelConfig.from_hf(qwen2_5_vl).mrope_section == (16, 24, 24)
