@@ -146,12 +146,32 @@ def test_a_batch_mixing_text_and_images_equals_hf(engine, hf):
         ask(IMAGE, "Describe it."),
         ask("First", IMAGE, "then", IMAGE, "compare."),
     ]
-    images = [None, WIDE, [SQUARE, TALL]]
-    outs = generate(engine, prompts, images)
-    expected = [[], [WIDE], [SQUARE, TALL]]
+    images = [None, picture(50, 30, 4), [picture(20, 60, 5), picture(33, 33, 6)]]
+    calls = []  # the vision transformer's passes
+    hook = engine.runner.vision.visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        outs = generate(engine, prompts, images)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the three images of the step (two prompts) in one pass
+    expected = [[], [images[1]], images[2]]
     for prompt, imgs, out in zip(prompts, expected, outs, strict=True):
         assert_equals_hf(out, hf(prompt, imgs))
     assert_kv_all_free(engine)
+
+
+def test_n_2_shares_one_encoding_and_equals_hf(engine, hf):
+    prompt = ask(IMAGE, "Twice?")
+    image = picture(44, 36, 7)
+    encoded = engine.scheduler.batcher.images.num_encoded
+    params = {**GREEDY, "max_new_tokens": N, "n": 2}
+    outs = engine.generate(
+        prompt, params, image_data=image, return_logprob=True, top_logprobs_num=TOP
+    )
+    assert engine.scheduler.batcher.images.num_encoded == encoded + 1
+    expected = hf(prompt, [image])
+    for out in outs:
+        assert_equals_hf(out, expected)
 
 
 @pytest.mark.parametrize("chunk", [5, 16])
