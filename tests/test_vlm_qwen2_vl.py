@@ -123,6 +123,28 @@ def test_several_images_in_one_prompt_equal_hf(engine, hf):
     assert_equals_hf(out, hf(prompt, [TALL, SQUARE, WIDE]))
 
 
+def test_input_logprobs_over_the_images_equal_hf(engine, hf):
+    """Every prompt position's logprob, image placeholders included (HF: one forward)."""
+    prompt = ask("Look:", IMAGE, "and", IMAGE, "Which is wider?")
+    out = engine.generate(
+        prompt,
+        {**GREEDY, "max_new_tokens": 1},
+        image_data=[WIDE, TALL],
+        return_logprob=True,
+        logprob_start_len=0,
+    )
+    inputs = hf.processor(text=[prompt], images=[WIDE, TALL], return_tensors="pt")
+    with torch.no_grad():
+        rows = torch.log_softmax(hf.model(**inputs).logits[0].float(), dim=-1)
+    ids = inputs["input_ids"][0].tolist()
+    got = out["meta_info"]["input_token_logprobs"]
+    assert [t for _, t, _ in got] == ids and got[0][0] is None
+    expected = rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(
+        torch.tensor([lp for lp, _, _ in got[1:]]), expected, atol=1e-4, rtol=0
+    )
+
+
 def test_images_in_two_turns_equal_hf(engine, hf):
     prompt = (
         turn("user", IMAGE, "What is this?")
