@@ -232,6 +232,7 @@ def test_placeholders_must_match_the_images(engine):
     with pytest.raises(RequestError, match="0 '<.vision_start.>"):
         generate(engine, ask("<|image_pad|>", "bare pad?"), [WIDE])
     assert_kv_all_free(engine)
+    assert engine.chat_template.image_token == IMAGE  # what the DSL writes per image
 
 
 # ---- the positions ---------------------------------------------------------------------------
