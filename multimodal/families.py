@@ -42,5 +42,15 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
             "plait.runtime.models.llava",
             "model.language_model.",
         ),
+        VisionFamily(
+            "Qwen2VLForConditionalGeneration",
+            "plait.runtime.models.qwen2_vl",
+            "model.language_model.",
+        ),
+        VisionFamily(
+            "Qwen2_5_VLForConditionalGeneration",
+            "plait.runtime.models.qwen2_vl",
+            "model.language_model.",
+        ),
     )
 }

@@ -90,6 +90,10 @@ class ProcessedPrompt:
 
     input_ids: list[int]
     images: list[ImageItem]
+    # M-RoPE models (Qwen2-VL): the prompt's [3, len(input_ids)] positions (temporal,
+    # height, width) and the delta added to the index of each generated token.
+    mrope_positions: torch.Tensor | None = None
+    mrope_delta: int = 0
 
 
 class VisionModel(Protocol):

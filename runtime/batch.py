@@ -41,3 +41,6 @@ class ForwardBatch:
     # Input embeddings [T, hidden] to use instead of looking up ``input_ids``
     # (image placeholders spliced with vision-encoder outputs); None: look them up.
     input_embeds: torch.Tensor | None = None
+    # M-RoPE models: the rotary positions [3, T] (temporal, height, width) when a
+    # request of the step has image positions; None: ``positions`` on all three axes.
+    mrope_positions: torch.Tensor | None = None

@@ -11,6 +11,11 @@ from plait.runtime.attention import ATTENTION_BACKENDS
 from plait.runtime.loader import VISION_LANGUAGE_ARCHITECTURES
 
 _ROPE_TYPES = ("default", "linear", "llama3")
+# Qwen2 language models (q/k/v biases), also as the text side of Qwen2-VL / Qwen2.5-VL.
+_QWEN2_TEXT = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+# Language models with M-RoPE, and transformers' sections when a config gives none.
+_MROPE_TEXT = ("qwen2_vl_text", "qwen2_5_vl_text")
+_DEFAULT_MROPE_SECTION = (16, 24, 24)
 GRAMMAR_BACKENDS = ("llguidance", "outlines")
 
 
@@ -33,6 +38,9 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # M-RoPE (Qwen2-VL): how many rotary frequencies follow the temporal, height and
+    # width positions, in that order; None for plain RoPE.
+    mrope_section: tuple[int, ...] | None = None
 
     @property
     def has_vision(self) -> bool:
@@ -54,6 +62,9 @@ class ModelConfig:
         rope = dict(getattr(hf, "rope_parameters", None) or {})
         theta = rope.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0
         scaling = rope or dict(getattr(hf, "rope_scaling", None) or {})
+        mrope = scaling.pop("mrope_section", None)
+        if mrope is None and getattr(hf, "model_type", "") in _MROPE_TEXT:
+            mrope = _DEFAULT_MROPE_SECTION
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in _ROPE_TYPES:
             raise ValueError(
@@ -83,12 +94,13 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama/Mistral only when attention_bias is set.
             attention_bias=bool(getattr(hf, "attention_bias", False))
-            or getattr(hf, "model_type", "") == "qwen2",
+            or getattr(hf, "model_type", "") in _QWEN2_TEXT,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             rope_theta=float(theta),
             rope_scaling=scaling,
             sliding_window=sliding,
             eos_token_ids=eos_ids,
+            mrope_section=tuple(mrope) if mrope else None,
         )
 
 

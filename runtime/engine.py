@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import functools
 import logging
 import pathlib
@@ -336,8 +337,12 @@ class Engine:
 
     @functools.cached_property
     def chat_template(self) -> ChatTemplate:
-        """The role layout of the model's chat template (what the DSL writes per turn)."""
-        return ChatTemplate.from_tokenizer(self.tokenizer)
+        """The role layout of the model's chat template (what the DSL writes per turn),
+        with a vision-language model's image placeholder (what the DSL writes per image)."""
+        template = ChatTemplate.from_tokenizer(self.tokenizer)
+        if self.image_inputs is not None:
+            template = dataclasses.replace(template, image_token=self.image_inputs.image_token)
+        return template
 
     def get_stats(self) -> dict[str, Any]:
         """Live figures: running/waiting requests, KV slots, prefix cache hit rate."""
@@ -482,6 +487,7 @@ class Engine:
             return_text_in_logprobs=inp.return_text_in_logprobs,
             jump_forward=not self.config.disable_jump_forward,
             image_items=p.image_items,
+            mrope=(p.mrope_positions, p.mrope_delta),
         )
 
     def _cancel_grammars(self, reqs: list[Req]) -> None:

@@ -69,6 +69,7 @@ class GenerateInput:
         self._check_logprob_options(limits)
         images = self._images(len(id_lists), limits)
         items: list[list[Any]] = [[] for _ in id_lists]
+        mrope: list[tuple[Any, int]] = [(None, 0) for _ in id_lists]  # M-RoPE positions, delta
         for i, imgs in enumerate(images):
             text = self._prompt_text(i, single)
             _check_placeholders(text, imgs, i if not single else None, limits)
@@ -79,6 +80,7 @@ class GenerateInput:
                     )
                 processed = process_images(text, imgs)
                 id_lists[i], items[i] = processed.input_ids, processed.images
+                mrope[i] = (processed.mrope_positions, processed.mrope_delta)
         prompts = []
         for i, (ids, raw) in enumerate(zip(id_lists, params_list)):
             params = SamplingParams.from_dict(raw).verify(limits.vocab_size)
@@ -109,6 +111,8 @@ class GenerateInput:
                     capped_max_new_tokens=capped,
                     images=images[i],
                     image_items=items[i],
+                    mrope_positions=mrope[i][0],
+                    mrope_delta=mrope[i][1],
                 )
             )
         return prompts, single
@@ -227,6 +231,8 @@ class PromptInput:
     capped_max_new_tokens: int | None
     images: list[Any]
     image_items: list[Any] = field(default_factory=list)  # ImageItems, after processing
+    mrope_positions: Any = None  # M-RoPE models: the prompt's [3, T] positions
+    mrope_delta: int = 0
 
 
 def image_data_lists(image_data: Any, prompt: Any, input_ids: Any) -> list[list[Any]] | None:

@@ -54,7 +54,7 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     *VISION_FAMILIES,
 )
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "idefics3", "llava")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "idefics3", "llava", "qwen2_vl", "qwen2_5_vl")
 # Vision-language architectures: the language model is plait's, the image side transformers'.
 VISION_LANGUAGE_ARCHITECTURES = tuple(VISION_FAMILIES)
 MODEL_ALIASES = {

@@ -23,7 +23,7 @@ from plait.runtime.attention import create_backend
 from plait.runtime.batch import ForwardBatch
 from plait.runtime.config import ModelConfig
 from plait.runtime.kv_pool import KVPool, ReqToTokenPool
-from plait.runtime.models.llama import LlamaFamilyModel, RotaryEmbedding
+from plait.runtime.models.llama import LlamaFamilyModel, MRotaryEmbedding, RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class ModelRunner:
         self.max_total_tokens = max_total_tokens  # KV slots in the pool
         self.max_running_requests = max_running_requests  # rows of the table
         ops = kernel_set(device, dtype)
-        rotary = RotaryEmbedding(cfg, context_len, device)  # fp32 tables
+        rope = MRotaryEmbedding if cfg.mrope_section else RotaryEmbedding
+        rotary = rope(cfg, context_len, device)  # fp32 tables
         # Build on the meta device (no random init), then allocate and fill from the checkpoint.
         with torch.device("meta"):
             model = LlamaFamilyModel(cfg, ops, rotary)
@@ -98,5 +99,6 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         self.req_to_token.write(batch.write_rows, batch.write_cols, batch.write_slots)
         self.attn.prepare(batch)
-        hidden = self.model(batch.input_ids, batch.positions, self.attn, batch.input_embeds)
+        positions = batch.positions if batch.mrope_positions is None else batch.mrope_positions
+        hidden = self.model(batch.input_ids, positions, self.attn, batch.input_embeds)
         return self.model.logits(hidden.index_select(0, batch.logits_indices))

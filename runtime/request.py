@@ -41,6 +41,7 @@ class Req:
         return_text_in_logprobs: bool = False,
         jump_forward: bool = True,
         image_items: list[ImageItem] | None = None,
+        mrope: tuple[torch.Tensor | None, int] = (None, 0),
     ):
         self.rid = rid
         self.input_ids = input_ids
@@ -64,6 +65,10 @@ class Req:
         self.image_items: list[ImageItem] = image_items or []
         self.key_ids: list[int] = image_key_ids(input_ids, self.image_items)
         self.cache_namespace: Hashable | None = None  # prefixes are shared within one
+        # M-RoPE models (Qwen2-VL): the prompt's [3, T] rotary positions when it has images
+        # (None: token i is at i on all three axes), and the delta added to the index of
+        # each generated token (scheduler/mrope.py).
+        self.mrope_positions, self.mrope_delta = mrope
 
         # Constrained decoding (set_grammar): the compiled grammar and this request's
         # place in it. Jump-forward is off when logprobs are asked for (forced tokens

@@ -337,3 +337,94 @@ def make_tiny_llava(
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
+
+
+# ---- a tiny Qwen2-VL / Qwen2.5-VL -------------------------------------------------------------
+
+# The tokens a Qwen2-VL tokenizer carries for images and videos, as special tokens.
+QWEN2_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# 4-pixel patches merged 2x2: an image is resized to a multiple of 8 pixels a side, between
+# 16x16 and 40x40 pixels in area, so it takes 4 to 25 placeholder tokens.
+QWEN2_VL_PATCH = 4
+
+
+def make_tiny_qwen2_vl(path: str | os.PathLike, version: str = "2", *, seed: int = 0) -> str:
+    """Save a random Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) with its processor
+    into ``path``: a 2-layer vision transformer (4-pixel patches, 2x2 patch merger; 2.5:
+    window attention in its first block) and a 2-layer Qwen2 language model (hidden 64,
+    head_dim 16, M-RoPE sections [2, 3, 3]) on the tiny tokenizer plus the vision tokens."""
+    if version not in ("2", "2.5"):
+        raise ValueError(f"unknown Qwen2-VL version {version!r}; expected '2' or '2.5'")
+    path = pathlib.Path(path)
+    tokenizer = make_tokenizer(path)
+    tokenizer.add_tokens(list(QWEN2_VL_TOKENS), special_tokens=True)
+    merge = 2
+    factor = QWEN2_VL_PATCH * merge
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        size={"shortest_edge": (2 * factor) ** 2, "longest_edge": (5 * factor) ** 2},
+        patch_size=QWEN2_VL_PATCH,
+        temporal_patch_size=2,
+        merge_size=merge,
+    )
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=64 if version == "2" else 32,
+        num_heads=2,
+        patch_size=QWEN2_VL_PATCH,
+        spatial_merge_size=merge,
+        temporal_patch_size=2,
+    )
+    ids = {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    if version == "2":
+        vision_config = transformers.Qwen2VLVisionConfig(embed_dim=32, mlp_ratio=2, **vision)
+        config = transformers.Qwen2VLConfig(
+            text_config=text, vision_config=vision_config.to_dict(), **ids
+        )
+        model_class = transformers.Qwen2VLForConditionalGeneration
+    else:
+        vision_config = transformers.Qwen2_5_VLVisionConfig(
+            intermediate_size=48,
+            out_hidden_size=64,
+            window_size=2 * factor,  # windows of 2x2 merged tokens
+            fullatt_block_indexes=[1],
+            **vision,
+        )
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision_config.to_dict(), **ids
+        )
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_q.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+            elif param.dim() >= 2:  # large weights: greedy tokens depend on the input
+                param.normal_(0.0, 0.3)
+    model.eval()
+    model.save_pretrained(path)
+    # The processor's parts (its video processor would need torchvision, images do not).
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return str(path)

@@ -134,6 +134,31 @@ class RotaryEmbedding:
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal RoPE (Qwen2-VL): a token has three positions (temporal, height, width)
+    and each rotary frequency follows one of them: the first ``mrope_section[0]``
+    frequencies the temporal position, the next ``mrope_section[1]`` the height, the
+    rest the width (the same split on both halves of the head). The tables are plain
+    RoPE's; positions ``[3, T]`` pick each column from its axis' row. A batch given
+    ``[T]`` positions (all three axes equal: text) is plain RoPE."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device | str = "cpu"):
+        super().__init__(cfg, max_positions, device)
+        section = cfg.mrope_section
+        if sum(section) * 2 != cfg.head_dim:
+            raise ValueError(f"mrope_section {section} does not cover head_dim {cfg.head_dim}")
+        half = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(section)])
+        self.axis = torch.cat((half, half)).to(device)  # [head_dim]: the axis of each column
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().__call__(positions)
+        index = self.axis.expand(1, positions.shape[1], -1)  # [1, T, head_dim]
+        cos = self.cos[positions].gather(0, index)[0]
+        sin = self.sin[positions].gather(0, index)[0]
+        return cos, sin
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -225,7 +250,7 @@ class LlamaFamilyModel(nn.Module):
         input_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (after the last norm) of every token of a batch: [T, hidden].
-        ``attn`` is prepared for the batch; ``input_embeds`` [T, hidden], when given,
+        ``positions`` is [T], or [3, T] for M-RoPE; ``attn`` is prepared for the batch; ``input_embeds`` [T, hidden], when given,
         replaces the embedding lookup of ``input_ids``."""
         ops = self.ops
         if input_embeds is None:

@@ -23,6 +23,7 @@ from plait.runtime.batch import ForwardBatch
 from plait.runtime.request import Req
 from plait.runtime.scheduler.images import ImageSplicer
 from plait.runtime.scheduler.kv import KVBook
+from plait.runtime.scheduler.mrope import mrope_positions
 
 # Past this queue length, lpm's prefix matching costs more than it saves.
 LPM_MAX_QUEUE = 128
@@ -182,6 +183,8 @@ class Batcher:
         rows_t = req_rows if one_each else torch.tensor(token_rows, dtype=torch.int64, device=dev)
         write_rows, write_cols, write_slots = self.kv.table_writes(rows_t, positions_t, slots)
         ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
+        # Vision-language models: image placeholders' embeddings, M-RoPE positions.
+        mrope = mrope_positions(plan, positions_t) if self.images else None
         return ForwardBatch(
             input_ids=ids_t,
             positions=positions_t,
@@ -194,6 +197,7 @@ class Batcher:
             write_cols=write_cols,
             write_slots=write_slots,
             input_embeds=self.images.input_embeds(plan, ids_t) if self.images else None,
+            mrope_positions=mrope,
         )
 
 
