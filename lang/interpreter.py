@@ -105,7 +105,12 @@ class StreamExecutor:
         self.gens: dict[str, Gen] = {}  # how each variable was generated (for parsed())
         self.cur_role: str | None = None
         self.cur_role_begin = 0
-        self.cur_images: list[Any] = []
+        # Every image in the text so far, in order (LoadedImages): each request sends
+        # them all, as earlier turns' images stay in the prompt. The current turn's
+        # images are kept with their offsets in the text, for messages().
+        self.images_: list[Any] = []
+        self.cur_images: list[tuple[int, Any]] = []
+        self.fork_images = 0
         self.scopes: dict[str, int] = {}
         self.fork_start = 0
         self.error: BaseException | None = None
@@ -186,7 +191,8 @@ class StreamExecutor:
             child.gens = dict(self.gens)
             child.cur_role, child.cur_role_begin = self.cur_role, self.cur_role_begin
             child.cur_images = list(self.cur_images)
-            child.fork_start = len(self.text_)
+            child.images_ = list(self.images_)
+            child.fork_start, child.fork_images = len(self.text_), len(self.images_)
             children.append(child)
         return children
 
@@ -248,10 +254,7 @@ class StreamExecutor:
             raise ValueError(f"{e.role}_end() without {e.role}_begin()")
         content: Any = self.text_[self.cur_role_begin :]
         if self.cur_images:
-            content = [{"type": "text", "text": content}] + [
-                {"type": "image_url", "image_url": {"url": img.to_data_url()}}
-                for img in self.cur_images
-            ]
+            content = self._content_parts()
         self._fill(self.template.suffix(e.role))
         self.messages_.append({"role": e.role, "content": content})
         self.cur_role, self.cur_images = None, []
@@ -262,6 +265,19 @@ class StreamExecutor:
     def _run_VarScopeEnd(self, e: VarScopeEnd) -> None:
         self.set_var(e.name, self.text_[self.scopes.pop(e.name) :])
 
+    def _content_parts(self) -> list[dict[str, Any]]:
+        """The current turn as OpenAI content parts: its text and images in order."""
+        parts, at = [], self.cur_role_begin
+        token = self.template.image_token
+        for offset, img in self.cur_images:
+            if offset > at:
+                parts.append({"type": "text", "text": self.text_[at:offset]})
+            parts.append({"type": "image_url", "image_url": {"url": img.to_data_url()}})
+            at = offset + len(token)
+        if at < len(self.text_):
+            parts.append({"type": "text", "text": self.text_[at:]})
+        return parts
+
     def _run_Image(self, e: Image) -> None:
         if self.tracing:
             raise StopTracing("image")
@@ -271,18 +287,37 @@ class StreamExecutor:
                 self.backend.get_model_name(),
                 "this model is text-only; images need a vision-language model",
             )
-        self.cur_images.append(e.source)
-        self._fill(self.template.image_token)
+        t = self.template
+        opening = t.image_first_prefix.get(self.cur_role or "")
+        if opening is not None and len(self.text_) == self.cur_role_begin:
+            # The turn opens with an image: the template writes another prefix then.
+            with self.cond:
+                cut = len(self.text_) - len(t.prefix(self.cur_role))
+                self.text_ = self.text_[:cut] + opening
+                self.cur_role_begin = len(self.text_)
+        self.images_.append(e.source)
+        if self.cur_role is not None:
+            self.cur_images.append((len(self.text_), e.source))
+        self._fill(t.image_token)
+
+    def _images(self, batch: int | None = None) -> dict[str, Any]:
+        """The ``image_data`` option of a request on the text so far (all its images),
+        for one prompt or a batch of ``batch`` prompts that share the text."""
+        if not self.images_:
+            return {}
+        images = list(self.images_)
+        return {"image_data": images if batch is None else [images] * batch}
 
     def _run_Flush(self, e: Flush) -> None:
         if self.tracing:
             raise StopTracing("flush")
         if self.text_:
-            self.backend.generate(self.text_, {"max_new_tokens": 0})
+            self.backend.generate(self.text_, {"max_new_tokens": 0}, **self._images())
 
     def _run_ConcatForks(self, e: ConcatForks) -> None:
         for child in e.states:
             child.sync()
+            self.images_ += child.images_[child.fork_images :]
             self._fill(child.text_[child.fork_start :])
 
     # ---- gen ---------------------------------------------------------------------------
@@ -306,6 +341,7 @@ class StreamExecutor:
             "return_text_in_logprobs": e.return_text_in_logprobs,
         }
         options = {k: v for k, v in options.items() if v is not None}
+        options.update(self._images())
         if self.stream and params.get("n", 1) == 1:
             value, meta = "", None
             pieces = self.backend.generate_stream(self.text_, params, **options)
@@ -382,7 +418,9 @@ class StreamExecutor:
         prefix = self.text_
         n_prefix, last_token = 0, None
         if prefix:
-            pre = self.backend.generate(prefix, {"max_new_tokens": 0}, return_logprob=True)
+            pre = self.backend.generate(
+                prefix, {"max_new_tokens": 0}, return_logprob=True, **self._images()
+            )
             n_prefix = pre["meta_info"]["prompt_tokens"]
             last_token = pre["meta_info"]["input_token_logprobs"][-1][1]
         # Start two tokens early: joining text and choice may re-tokenize the boundary.
@@ -393,6 +431,7 @@ class StreamExecutor:
             return_logprob=True,
             logprob_start_len=start,
             return_text_in_logprobs=True,
+            **self._images(batch=len(choices)),
         )
         token_lps, entries = [], []
         for out in outs:
