@@ -11,6 +11,9 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import json
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -68,10 +71,15 @@ def engine_ids(engine, prompt: str, images: list) -> list[int]:
     return engine.generate(prompt, params, image_data=images)["output_ids"]
 
 
-def text_before(state, name: str) -> str:
-    """The program's text up to the value of variable ``name``."""
+def text_before(state, name: str, cue: str) -> str:
+    """The program's text up to the value of variable ``name``, which follows ``cue``."""
     text = state.text()
-    return text[: text.index(state[name], len(text) - len(state[name]) - 200)]
+    end = text.index(cue) + len(cue)
+    assert text[end:].startswith(state[name])
+    return text[:end]
+
+
+CUE = "<end_of_utterance>\nAssistant:"
 
 
 @pl.function
@@ -106,7 +114,7 @@ def test_earlier_turns_images_stay_in_the_prompt(engine):
     first = "<|im_start|>User: Look at<image><end_of_utterance>\nAssistant:"
     assert state.text().startswith(first + state["one"])
     assert output_ids(state, "one") == engine_ids(engine, first, [WIDE])
-    second = text_before(state, "two")
+    second = text_before(state, "two", "now<image>?" + CUE)
     assert second.count("<image>") == 2 and second.endswith(
         "And now<image>?<end_of_utterance>\nAssistant:"
     )
@@ -122,7 +130,7 @@ def images_in_every_role(s, a, b, c):
 
 def test_images_in_any_role(engine):
     state = images_in_every_role.run(a=SQUARE, b=WIDE, c=TALL, backend=engine, temperature=0)
-    prompt = text_before(state, "answer")
+    prompt = text_before(state, "answer", "Like this")
     assert prompt.startswith("<|im_start|>System:<image>You describe pictures.")
     assert output_ids(state, "answer") == engine_ids(engine, prompt, [SQUARE, WIDE, TALL])
 
@@ -135,8 +143,13 @@ def branches(s, image):
     forks += lambda i: pl.user(pl.image(SQUARE) + f"Compare {i}.")
     forks += lambda i: pl.assistant(pl.gen("again", **ANSWER))
     s["branches"] = [f.text() for f in forks]
-    s["views"] = [(text_before(f, "view"), output_ids(f, "view")) for f in forks]
-    s["agains"] = [(text_before(f, "again"), output_ids(f, "again")) for f in forks]
+    cues = [("Briefly:", f"Compare 0.{CUE}"), ("In detail:", f"Compare 1.{CUE}")]
+    s["views"] = [
+        (text_before(f, "view", c[0]), output_ids(f, "view")) for f, c in zip(forks, cues)
+    ]
+    s["agains"] = [
+        (text_before(f, "again", c[1]), output_ids(f, "again")) for f, c in zip(forks, cues)
+    ]
 
 
 def test_fork_branches_carry_the_image_and_their_own(engine):
@@ -157,7 +170,7 @@ def pick(s, image):
 
 def test_select_scores_the_choices_after_the_image(engine):
     state = pick.run(image=WIDE, backend=engine, temperature=0)
-    prefix = text_before(state, "shape")
+    prefix = text_before(state, "shape", "tall?" + CUE)
     entries = state.get_meta_info("shape")["input_token_logprobs"]
     for choice, mine in zip(["wide", "tall", "square"], entries, strict=True):
         out = engine.generate(
@@ -179,7 +192,7 @@ def test_run_batch_gives_each_program_its_images(engine):
         temperature=0,
     )
     for state, images in zip(states, [[TALL, SQUARE], [WIDE, TALL]], strict=True):
-        prompt = text_before(state, "answer")
+        prompt = text_before(state, "answer", "taller?" + CUE)
         assert output_ids(state, "answer") == engine_ids(engine, prompt, images)
 
 
@@ -225,9 +238,9 @@ def test_every_kind_of_source_is_the_same_image(tmp_path, monkeypatch):
 
 def test_an_image_on_a_text_model_is_refused(tiny_model_dir):
     with pl.Engine(model=tiny_model_dir("llama"), max_total_tokens=256) as eng:
-        state = compare.run(first=WIDE, second=TALL, backend=eng)
-        with pytest.raises(RequestError, match="text-only"):
-            state["answer"]
+        with pytest.raises(RequestError, match="text-only") as err:
+            compare.run(first=WIDE, second=TALL, backend=eng)
+        assert err.value.field == "image" and err.value.value == eng.model_name
 
 
 # ---- over HTTP ---------------------------------------------------------------------------------
@@ -260,3 +273,33 @@ def test_the_endpoint_sends_images_as_base64(endpoint, monkeypatch):
     images = sent[-1]["image_data"]
     assert len(images) == 2
     assert base64.b64decode(images[0]) == png(TALL)  # a PNG keeps the pixels
+
+
+# SGLang's frontend, in a process of its own (importing sglang patches transformers). Its
+# RuntimeEndpoint sends one image per request as base64 image_data (it refuses more).
+SGLANG_PROGRAM = """
+import json, sys
+import sglang as sgl
+
+@sgl.function
+def describe(s, path):
+    s += sgl.user(sgl.image(path) + "What is in the picture?")
+    s += sgl.assistant(sgl.gen("answer", max_tokens=8, temperature=0, ignore_eos=True))
+
+sgl.set_default_backend(sgl.RuntimeEndpoint(sys.argv[1]))
+state = describe.run(path=sys.argv[2])
+print(json.dumps({"text": state.text(), "answer": state["answer"]}))
+"""
+
+
+def test_sglangs_frontend_runs_an_image_program(endpoint, engine, tmp_path):
+    path = tmp_path / "wide.png"
+    WIDE.save(path)
+    cmd = [sys.executable, "-c", SGLANG_PROGRAM, endpoint.base_url, str(path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    prompt = out["text"][: out["text"].rindex(out["answer"])]
+    assert prompt.count("<image>") == 1  # SGLang's default template writes "<image>"
+    params = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+    assert out["answer"] == engine.generate(prompt, params, image_data=WIDE)["text"]
