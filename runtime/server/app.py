@@ -43,6 +43,7 @@ from plait.runtime.server.errors import (
     install_error_handlers,
     refuse_lone_surrogates,
 )
+from plait.runtime.server.images import supports_images
 from plait.runtime.server.metrics import Metrics
 from plait.runtime.server.middleware import install_middleware
 from plait.runtime.server.native import (
@@ -54,7 +55,6 @@ from plait.runtime.server.native import (
     native_error,
     native_stream,
     num_outputs,
-    supports_images,
 )
 from plait.runtime.server.openai_api import router as openai_router
 from plait.runtime.server.protocol import (

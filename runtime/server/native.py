@@ -5,21 +5,19 @@ policy), its event stream, its errors in its own field names, and the
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
-
-from plait.multimodal.image import ImageError, LoadedImage
-from plait.multimodal.media import MediaPolicy, load_for_request
+from plait.multimodal.image import LoadedImage
+from plait.multimodal.media import MediaPolicy
 from plait.runtime.errors import RequestError
 from plait.runtime.inputs import GenerateInput, image_data_lists
 from plait.runtime.server.config import ServerConfig
 from plait.runtime.server.errors import APIError
+from plait.runtime.server.images import load_named
 from plait.runtime.server.metrics import Metrics
 from plait.runtime.server.protocol import (
     MEDIA_FIELDS,
@@ -124,45 +122,31 @@ def generate_input(
 
 async def load_images(body: GenerateRequest, policy: MediaPolicy) -> list[list[LoadedImage]] | None:
     """The images of ``body.image_data`` (SGLang's shapes: one image, a list for the
-    prompt, a list of entries for a batch), each loaded by ``load_for_request`` under
-    ``policy`` in a worker thread, all at once. A source that is refused or cannot be
-    read is a 400 naming it: ``image_data[1]`` (or ``image_data[2][0]`` in a batch)."""
+    prompt, one entry per prompt of a batch), loaded under ``policy`` by
+    ``images.load_named``. A source that is refused or cannot be read is a 400 naming
+    it: ``image_data[1]`` (``image_data[2][0]`` in a batch)."""
     if not _is_set(body.image_data):
         return None
     try:
         per_prompt = image_data_lists(body.image_data, body.text, body.input_ids)
     except RequestError as e:
         raise native_error(e) from e
+    # The field of each source, as the client wrote it.
     nested = isinstance(body.image_data, list) and not _single_prompt(body)
-    single_source = not isinstance(body.image_data, list)
-    fields, sources = [], []
+    sources = []
     for i, entries in enumerate(per_prompt):
-        outer = body.image_data[i] if nested else None
         for j, source in enumerate(entries):
-            if single_source:
-                fields.append("image_data")
+            if not isinstance(body.image_data, list):
+                field = "image_data"
             elif not nested:
-                fields.append(f"image_data[{j}]")
+                field = f"image_data[{j}]"
+            elif isinstance(body.image_data[i], list):
+                field = f"image_data[{i}][{j}]"
             else:
-                fields.append(
-                    f"image_data[{i}][{j}]" if isinstance(outer, list) else f"image_data[{i}]"
-                )
-            sources.append(source)
-    results = await asyncio.gather(
-        *(run_in_threadpool(load_for_request, s, policy) for s in sources), return_exceptions=True
-    )
-    for name, result in zip(fields, results):
-        if isinstance(result, ImageError):
-            raise APIError(400, f"{name}: {result}", param=name, code="invalid_image")
-        if isinstance(result, BaseException):
-            raise result
-    loaded = iter(results)
+                field = f"image_data[{i}]"
+            sources.append((field, source))
+    loaded = iter(await load_named(sources, policy))
     return [[next(loaded) for _ in entries] for entries in per_prompt]
-
-
-def supports_images(engine: Any) -> bool:
-    """Whether the engine's model takes images (a vision-language model)."""
-    return bool(engine.input_limits.supports_images)
 
 
 def _single_prompt(body: GenerateRequest) -> bool:

@@ -12,7 +12,6 @@ in one event stream.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,12 +21,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from plait.multimodal.image import ImageError, LoadedImage
-from plait.multimodal.media import MediaPolicy, load_for_request
 from plait.runtime.errors import RequestError
 from plait.runtime.inputs import GenerateInput
 from plait.runtime.server.errors import APIError, ClientDisconnected, JSONResponse
-from plait.runtime.server.native import supports_images
+from plait.runtime.server.images import load_named, supports_images
 from plait.runtime.server.openai_output import (
     chat_logprobs,
     chunk_writer,
@@ -228,21 +225,6 @@ def _content_part(where: str, part: dict[str, Any], vlm: bool, model_name: str) 
     return url
 
 
-async def _load_images(sources: list[tuple[str, str]], policy: MediaPolicy) -> list[LoadedImage]:
-    """The images of a chat request, loaded at once in worker threads under the
-    server's media policy; a refused or unreadable one is a 400 naming its part."""
-    results = await asyncio.gather(
-        *(run_in_threadpool(load_for_request, src, policy) for _, src in sources),
-        return_exceptions=True,
-    )
-    for (name, _), result in zip(sources, results):
-        if isinstance(result, ImageError):
-            raise APIError(400, f"{name}: {result}", param=name, code="invalid_image")
-        if isinstance(result, BaseException):
-            raise result
-    return list(results)
-
-
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -256,7 +238,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     config = request.app.state.config
     messages, sources = _chat_messages(body, engine, config.served_model_name)
     prefill = _assistant_prefill(body, messages)
-    images = await _load_images(sources, config.media_policy) if sources else None
+    images = await load_named(sources, config.media_policy) if sources else None
     # Rendering a long conversation takes a while: off the event loop.
     prompt = await run_in_threadpool(engine.apply_chat_template, messages) + prefill
     max_tokens = (
