@@ -343,6 +343,30 @@ def test_chat_string_content_reaches_a_template_of_parts(client, engine):
     assert r.json()["choices"][0]["message"]["content"] == expected["text"]
 
 
+def test_chat_continues_an_assistant_message_that_holds_an_image(client, engine):
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "user", "content": "Draw something."},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Here:"},
+                    {"type": "image_url", "image_url": {"url": data_url(png(TALL))}},
+                ],
+            },
+        ],
+        "continue_final_message": True,
+        "max_tokens": N,
+        "temperature": 0,
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    prompt = "<|im_start|>User: Draw something.<end_of_utterance>\nAssistant:Here:<image>"
+    expected = engine.generate(prompt, {"temperature": 0, "max_new_tokens": N}, image_data=TALL)
+    assert r.json()["choices"][0]["message"]["content"] == expected["text"]
+
+
 # ---- the media rules ---------------------------------------------------------------------------
 
 

@@ -225,10 +225,11 @@ def _content_part(where: str, part: dict[str, Any], vlm: bool, model_name: str) 
     return url
 
 
-def _text_of(content: Any) -> str:
+def _text_of(content: Any, image_token: str) -> str:
+    """A message's content as text (an image as the model's placeholder)."""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content)
+    return "".join(p["text"] if p["type"] == "text" else image_token for p in content)
 
 
 @router.post("/v1/chat/completions")
@@ -237,7 +238,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     engine = _engine(request)
     config = request.app.state.config
     messages, sources = _chat_messages(body, engine, config.served_model_name)
-    prefill = _assistant_prefill(body, messages)
+    image_token = engine.chat_template.image_token
+    prefill = _assistant_prefill(body, messages, image_token)
     images = await load_named(sources, config.media_policy) if sources else None
     # Rendering a long conversation takes a while: off the event loop.
     prompt = await run_in_threadpool(engine.apply_chat_template, messages) + prefill
@@ -301,7 +303,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     )
 
 
-def _assistant_prefill(body: ChatCompletionRequest, messages: list[dict[str, Any]]) -> str:
+def _assistant_prefill(
+    body: ChatCompletionRequest, messages: list[dict[str, Any]], image_token: str
+) -> str:
     """The text the assistant's reply starts with: the last message with
     ``continue_final_message`` (taken off the list, so its turn is left open), or
     ``response_prefill``. It follows the rendered generation prompt."""
@@ -320,7 +324,7 @@ def _assistant_prefill(body: ChatCompletionRequest, messages: list[dict[str, Any
             "must be the assistant's reply to continue",
             param="continue_final_message",
         )
-    return _text_of(messages.pop()["content"])
+    return _text_of(messages.pop()["content"], image_token)
 
 
 async def _chat_events(
