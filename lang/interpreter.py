@@ -105,6 +105,8 @@ class StreamExecutor:
         self.gens: dict[str, Gen] = {}  # how each variable was generated (for parsed())
         self.cur_role: str | None = None
         self.cur_role_begin = 0
+        self.cur_role_prefix = ""  # the prefix written for the current role
+        self.image_next = False  # the expression after the one running is an image
         # Every image in the text so far, in order (LoadedImages): each request sends
         # them all, as earlier turns' images stay in the prompt. The current turn's
         # images are kept with their offsets in the text, for messages().
@@ -190,6 +192,7 @@ class StreamExecutor:
             child.meta_info = dict(self.meta_info)
             child.gens = dict(self.gens)
             child.cur_role, child.cur_role_begin = self.cur_role, self.cur_role_begin
+            child.cur_role_prefix = self.cur_role_prefix
             child.cur_images = list(self.cur_images)
             child.images_ = list(self.images_)
             child.fork_start, child.fork_images = len(self.text_), len(self.images_)
@@ -222,7 +225,10 @@ class StreamExecutor:
                 self._queue.task_done()
 
     def _execute(self, expr: Expr) -> None:
-        for e in _flatten(expr):
+        items = list(_flatten(expr))
+        for k, e in enumerate(items):
+            # A role opened right before an image writes its image-first prefix.
+            self.image_next = k + 1 < len(items) and isinstance(items[k + 1], Image)
             handler = getattr(self, "_run_" + type(e).__name__)
             handler(e)
 
@@ -246,8 +252,11 @@ class StreamExecutor:
             if t.default_system_prompt is not None and e.role != "system":
                 self._fill(t.prefix("system") + t.default_system_prompt + t.suffix("system"))
                 self.messages_.append({"role": "system", "content": t.default_system_prompt})
-        self._fill(t.prefix(e.role))
-        self.cur_role, self.cur_role_begin = e.role, len(self.text_)
+        prefix = t.prefix(e.role)
+        if self.image_next and self.backend.supports_images:
+            prefix = t.image_first_prefix.get(e.role, prefix)
+        self._fill(prefix)
+        self.cur_role, self.cur_role_begin, self.cur_role_prefix = e.role, len(self.text_), prefix
 
     def _run_RoleEnd(self, e: RoleEnd) -> None:
         if self.cur_role != e.role:
@@ -289,12 +298,15 @@ class StreamExecutor:
             )
         t = self.template
         opening = t.image_first_prefix.get(self.cur_role or "")
-        if opening is not None and len(self.text_) == self.cur_role_begin:
-            # The turn opens with an image: the template writes another prefix then.
+        at_start = len(self.text_) == self.cur_role_begin
+        if opening is not None and at_start and self.cur_role_prefix != opening:
+            # The turn, opened on its own (``with s.user():``), starts with an image: the
+            # template writes another prefix then. (A reader streaming the whole text
+            # may have seen the first one.)
             with self.cond:
-                cut = len(self.text_) - len(t.prefix(self.cur_role))
+                cut = len(self.text_) - len(self.cur_role_prefix)
                 self.text_ = self.text_[:cut] + opening
-                self.cur_role_begin = len(self.text_)
+                self.cur_role_begin, self.cur_role_prefix = len(self.text_), opening
         self.images_.append(e.source)
         if self.cur_role is not None:
             self.cur_images.append((len(self.text_), e.source))

@@ -136,6 +136,31 @@ def test_images_in_any_role(engine):
 
 
 @pl.function
+def opened_by_itself(s, image):
+    with s.user():
+        s += pl.image(image)
+        s += "What is it?"
+    s += pl.assistant(pl.gen("answer", **ANSWER))
+
+
+def test_a_turn_opened_on_its_own_then_an_image_renders_as_the_template(engine):
+    state = opened_by_itself.run(image=WIDE, backend=engine, temperature=0)
+    content = [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    prompt = engine.apply_chat_template([{"role": "user", "content": content}])
+    assert text_before(state, "answer", CUE) == prompt
+    assert output_ids(state, "answer") == engine_ids(engine, prompt, [WIDE])
+
+
+def test_streaming_a_program_with_images(engine):
+    state = compare.run(first=TALL, second=SQUARE, backend=engine, temperature=0, stream=True)
+    streamed = "".join(state.text_iter())
+    assert streamed == state.text()
+    assert streamed.startswith("<|im_start|>User:<image><image>Which is taller?")
+    prompt = text_before(state, "answer", "taller?" + CUE)
+    assert output_ids(state, "answer") == engine_ids(engine, prompt, [TALL, SQUARE])
+
+
+@pl.function
 def branches(s, image):
     s += pl.user(pl.image(image) + "Describe it.")
     forks = s.fork(2)
