@@ -52,6 +52,12 @@ class ImageItem:
         return self.positions[-1] + 1 - self.positions[0]
 
     @property
+    def key_id(self) -> int:
+        """The id that stands for each of this image's placeholders in the prefix cache's
+        key: negative (never a real token id) and derived from the content hash."""
+        return -1 - int(self.content_hash[:15], 16)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.positions)
 
@@ -63,6 +69,18 @@ class ImageItem:
             )
         self.embeddings = embeddings
         self.pixels = None
+
+
+def image_key_ids(input_ids: list[int], items: list[ImageItem]) -> list[int]:
+    """A prompt's prefix-cache key: its ids with every image placeholder replaced by
+    that image's ``key_id`` (the ids themselves when there are no images)."""
+    if not items:
+        return input_ids
+    key = list(input_ids)
+    for item in items:
+        for p in item.positions:
+            key[p] = item.key_id
+    return key
 
 
 @dataclass
@@ -111,5 +129,17 @@ class ImageInputs(Protocol):
     ids and ImageItems out. ``image_token`` is what a prompt writes where an image goes."""
 
     image_token: str
+    processor: Any  # the model's HF processor (its image_processor's settings key the cache)
 
     def __call__(self, text: str, images: list[Any]) -> ProcessedPrompt: ...
+
+
+def processor_settings(inputs: ImageInputs) -> str:
+    """What shapes an image's pixels besides its content: the model's image-processor
+    settings, as one string (part of the vision-embedding cache's key)."""
+    import hashlib
+    import json
+
+    image_processor = getattr(inputs.processor, "image_processor", inputs.processor)
+    settings = json.dumps(image_processor.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]

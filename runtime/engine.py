@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from plait.multimodal.vision import process_prompt
+from plait.multimodal.embedding_cache import EmbeddingCache
+from plait.multimodal.vision import process_prompt, processor_settings
 from plait.runtime.chat_template import ChatTemplate
 from plait.runtime.config import EngineConfig, ModelConfig
 from plait.runtime.constrained import GrammarCompiler, TokenizerInfo
@@ -164,6 +165,8 @@ class Engine:
             max_running_requests=cfg.max_running_requests,
             schedule_policy=cfg.schedule_policy,
             disable_radix_cache=cfg.disable_radix_cache,
+            image_cache=EmbeddingCache(cfg.mm_cache_bytes) if mc.has_vision else None,
+            image_settings=processor_settings(self.image_inputs) if mc.has_vision else None,
         )
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
@@ -531,20 +534,7 @@ class Engine:
         return value
 
     def _stats(self) -> dict[str, Any]:
-        s = self.scheduler
-        free = s.allocator.num_free
-        return {
-            "num_running_reqs": len(s.running),
-            "num_waiting_reqs": len(s.waiting),
-            "max_total_num_tokens": self.max_total_tokens,
-            "kv_slots_free": free,
-            "kv_slots_used": self.max_total_tokens - free,
-            "num_forward_passes": s.num_forward_passes,
-            "cache_tokens": s.cache.total_size,
-            "cache_hit_tokens": s.cache.stats.hit_tokens,
-            "cache_query_tokens": s.cache.stats.query_tokens,
-            "cache_hit_rate": s.cache.stats.hit_rate,
-        }
+        return {"max_total_num_tokens": self.max_total_tokens, **self.scheduler.stats()}
 
     def _handle(self, kind: str, payload: Any) -> bool:
         try:

@@ -9,13 +9,13 @@ triples).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any
 
 import torch
 
-from plait.multimodal.vision import ImageItem
+from plait.multimodal.vision import ImageItem, image_key_ids
 from plait.runtime.constrained import CompiledResult, GrammarSpec, Matcher
 from plait.runtime.detokenizer import IncrementalDetokenizer
 from plait.runtime.sampling_params import SamplingParams
@@ -57,13 +57,13 @@ class Req:
         start = n - 1 if logprob_start_len is None or logprob_start_len < 0 else logprob_start_len
         self.logprob_start = min(max(start, 0), n) if return_logprob else n
         # Images: their placeholder positions in input_ids and their embeddings (spliced
-        # in by the scheduler). Until the prefix cache keys spans by image, a request
-        # with images is cached in a namespace of its own images' content hashes, so it
-        # shares prefixes only with requests showing the same images in the same order.
+        # in by the scheduler). The prefix cache keys the request by ``key_ids``: the
+        # prompt with each image's placeholders replaced by an id derived from the image's
+        # content hash, so the same image in the same place shares a prefix and another
+        # image diverges at its first placeholder. The model still sees input_ids.
         self.image_items: list[ImageItem] = image_items or []
-        self.cache_namespace: tuple[str, ...] | None = (
-            tuple(item.content_hash for item in self.image_items) or None
-        )
+        self.key_ids: list[int] = image_key_ids(input_ids, self.image_items)
+        self.cache_namespace: Hashable | None = None  # prefixes are shared within one
 
         # Constrained decoding (set_grammar): the compiled grammar and this request's
         # place in it. Jump-forward is off when logprobs are asked for (forced tokens
@@ -103,6 +103,13 @@ class Req:
     @property
     def fill_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
+
+    def cache_key(self, end: int) -> list[int]:
+        """The prefix cache's key of the first ``end`` tokens (prompt, then output)."""
+        n = len(self.key_ids)
+        if end <= n:
+            return self.key_ids[:end]
+        return self.key_ids + self.output_ids[: end - n]
 
     def fill_ids(self, start: int, end: int) -> list[int]:
         n = len(self.input_ids)

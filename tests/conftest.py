@@ -10,7 +10,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
-from tiny_models import make_tiny_model, make_tokenizer  # noqa: E402
+from tiny_models import make_tiny_idefics3, make_tiny_model, make_tokenizer  # noqa: E402
 
 
 def default_model_installed() -> bool:
@@ -47,6 +47,58 @@ def tiny_model_dir(tmp_path_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def idefics3_dir(tmp_path_factory) -> str:
+    """A tiny random Idefics3 (SmolVLM's architecture) saved with its processor."""
+    return make_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
+
+
+@pytest.fixture(scope="session")
+def idefics3_hf(idefics3_dir):
+    """transformers' processor and model of the tiny Idefics3 (the reference)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(idefics3_dir)
+    model = AutoModelForImageTextToText.from_pretrained(idefics3_dir, dtype=torch.float32).eval()
+    return processor, model
+
+
+@pytest.fixture(scope="session")
+def idefics3_hf_greedy(idefics3_hf):
+    """``run(prompt, images, n) -> ids``: transformers' greedy continuation."""
+    processor, model = idefics3_hf
+
+    def run(prompt: str, images: list, n: int) -> list[int]:
+        inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
+        out = model.generate(
+            **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def idefics3_hf_logprobs(idefics3_hf):
+    """``run(prompt, images, continuation) -> (prompt ids, log_softmax [T, vocab])``:
+    transformers' next-token log-probabilities over the prompt and a continuation."""
+    import torch
+
+    processor, model = idefics3_hf
+
+    def run(prompt: str, images: list, continuation: list[int]):
+        inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        inputs["input_ids"] = torch.tensor([ids + continuation])
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        with torch.no_grad():
+            logits = model(**inputs).logits[0].float()
+        return ids, torch.log_softmax(logits, -1)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -625,8 +625,9 @@ def test_cancel_stops_a_compile_nobody_waits_for(info):
     start = time.monotonic()
     compiler.cancel(spec)
     with pytest.raises(GrammarError, match="cancelled"):
-        first.result(timeout=30)
-    assert time.monotonic() - start < 5
+        first.result(timeout=60)
+    # Stopped, not left to finish: minutes of work end in seconds (generous for a busy host).
+    assert time.monotonic() - start < 20
     assert _compile_workers_alive() == before
     compiler.close()
 

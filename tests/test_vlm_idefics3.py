@@ -14,8 +14,7 @@ import pytest
 import torch
 from common import GREEDY, assert_kv_all_free
 from PIL import Image
-from tiny_models import make_tiny_idefics3
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from test_media import bomb_png
 
 import plait
 from plait.multimodal.vision import ImageItem
@@ -47,24 +46,14 @@ WIDE, TALL, SQUARE = picture(64, 48, 1), picture(40, 80, 2), picture(30, 30, 3)
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory) -> str:
-    return make_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
+def vlm_dir(idefics3_dir) -> str:
+    return idefics3_dir
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(vlm_dir):
+def hf_greedy(idefics3_hf_greedy):
     """``hf_greedy(prompt, images) -> ids``: transformers' greedy continuation."""
-    processor = AutoProcessor.from_pretrained(vlm_dir)
-    model = AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32).eval()
-
-    def run(prompt: str, images: list[Image.Image]) -> list[int]:
-        inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
-        out = model.generate(
-            **inputs, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0
-        )
-        return out[0, inputs["input_ids"].shape[1] :].tolist()
-
-    return run
+    return lambda prompt, images: idefics3_hf_greedy(prompt, images, N)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +83,38 @@ def test_two_images_in_one_prompt_equal_hf(engine, hf_greedy):
     assert out["output_ids"] == hf_greedy(prompt, [TALL, SQUARE])
 
 
+def test_logprobs_over_the_prompt_and_output_equal_hf(engine, idefics3_hf_logprobs):
+    prompt = ask("Look:", "<image>", "and", "<image>", "Which is wider?")
+    out = engine.generate(
+        prompt,
+        greedy(),
+        image_data=[WIDE, TALL],
+        return_logprob=True,
+        logprob_start_len=0,
+        top_logprobs_num=3,
+    )
+    ids, ref = idefics3_hf_logprobs(prompt, [WIDE, TALL], out["output_ids"])
+    meta = out["meta_info"]
+    inp, outp = meta["input_token_logprobs"], meta["output_token_logprobs"]
+    assert [t for _, t, _ in inp] == ids and [t for _, t, _ in outp] == out["output_ids"]
+    for i in range(1, len(ids)):  # image placeholders included
+        assert inp[i][0] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+    for j, (lp, tok, _) in enumerate(outp):
+        assert lp == pytest.approx(ref[len(ids) - 1 + j, tok].item(), abs=1e-4)
+        top = meta["output_top_logprobs"][j]
+        assert [t for _, t, _ in top] == ref[len(ids) - 1 + j].topk(3).indices.tolist()
+
+
+def test_images_in_two_turns_equal_hf(engine, hf_greedy):
+    """A second user turn shows another image; the first turn's image stays in the prompt."""
+    first = ask("<image>", "What is this?")
+    answer = engine.generate(first, greedy(), image_data=WIDE)["text"]
+    second = first + answer + "<end_of_utterance>\n" + ask("<image>", "And this one?")
+    out = engine.generate(second, greedy(), image_data=[WIDE, SQUARE])
+    assert out["output_ids"] == hf_greedy(second, [WIDE, SQUARE])
+    assert out["meta_info"]["cached_tokens"] > 0  # the first turn came from the cache
+
+
 def test_a_batch_mixing_text_and_images_equals_hf(engine, hf_greedy, tmp_path):
     path = tmp_path / "wide.png"
     WIDE.save(path)
@@ -112,10 +133,11 @@ def test_a_batch_mixing_text_and_images_equals_hf(engine, hf_greedy, tmp_path):
 def test_async_generate_with_n_2_shares_one_encoding(engine, hf_greedy):
     """Both requests of an n=2 prompt see the image (encoded once, shared by the two)."""
     prompt = ask("<image>", "Once more?")
-    encoded = engine.scheduler.batcher.images.num_encoded
-    outs = asyncio.run(engine.async_generate(prompt, greedy(n=2), image_data=SQUARE))
-    assert engine.scheduler.batcher.images.num_encoded == encoded + 1
-    expected = hf_greedy(prompt, [SQUARE])
+    fresh = picture(36, 36, 7)  # no earlier test showed it
+    encoded = engine.get_stats()["num_images_encoded"]
+    outs = asyncio.run(engine.async_generate(prompt, greedy(n=2), image_data=fresh))
+    assert engine.get_stats()["num_images_encoded"] == encoded + 1
+    expected = hf_greedy(prompt, [fresh])
     assert [out["output_ids"] for out in outs] == [expected, expected]
 
 
@@ -167,29 +189,6 @@ def test_a_step_takes_the_slice_of_an_image_it_covers():
     assert splicer.input_embeds(plan[:1], torch.tensor([5])) is None
 
 
-# ---- the prefix cache and the encoder --------------------------------------------------------
-
-
-def test_the_same_image_reuses_its_prefix_and_another_image_does_not(vlm_dir):
-    prompt = ask("<image>", "What is in the picture?")
-    with plait.Engine(model=vlm_dir, max_total_tokens=2048) as eng:
-        splicer = eng.scheduler.batcher.images
-        first = eng.generate(prompt, greedy(), image_data=WIDE)
-        assert splicer.num_encoded == 1
-        again = eng.generate(prompt, greedy(), image_data=png(WIDE))  # same pixels, as bytes
-        n = again["meta_info"]["prompt_tokens"]
-        assert again["meta_info"]["cached_tokens"] == n - 1
-        assert again["output_ids"] == first["output_ids"]
-        assert splicer.num_encoded == 1  # every placeholder came from the cache
-        other = eng.generate(prompt, greedy(), image_data=TALL)
-        assert other["meta_info"]["cached_tokens"] == 0  # no sharing across images
-        assert splicer.num_encoded == 2
-        text = eng.generate(ask("What is in the picture?"), greedy())
-        assert text["meta_info"]["cached_tokens"] == 0
-        eng._call(eng.scheduler.cache.check_integrity)  # on the loop thread
-        assert_kv_all_free(eng)
-
-
 # ---- bad input ---------------------------------------------------------------------------------
 
 
@@ -236,3 +235,30 @@ def test_image_data_takes_sglang_shapes():
     assert image_data_lists("x", None, [1, 2]) == [["x"]]
     with pytest.raises(RequestError, match="one entry per prompt"):
         image_data_lists("x", ["a", "b"], None)
+
+
+def test_broken_images_are_refused_and_nothing_leaks(engine, vlm_dir):
+    """Truncated bytes, a decompression bomb, an odd mode and image tokens past the
+    context: each a RequestError naming the image; the engine keeps serving."""
+    truncated = png(WIDE)[:200]
+    with pytest.raises(RequestError, match="truncated|not a readable image") as err:
+        engine.generate(ask("<image>"), greedy(), image_data=[truncated])
+    assert err.value.field == "images[0]"
+
+    with pytest.raises(RequestError, match="decompression bomb") as err:
+        engine.generate(
+            ask("a", "<image>", "b", "<image>"), greedy(), image_data=[WIDE, bomb_png()]
+        )
+    assert err.value.field == "images[1]"
+
+    cmyk = WIDE.convert("CMYK")  # converted to RGB like transformers does: still one image
+    out = engine.generate(ask("<image>", "?"), greedy(), image_data=cmyk)
+    assert out["meta_info"]["completion_tokens"] == N
+
+    with plait.Engine(model=vlm_dir, max_total_tokens=2048, context_length=48) as small:
+        with pytest.raises(RequestError, match="context") as err:
+            small.generate(ask("<image>", "?"), greedy(), image_data=WIDE)  # 5 views x 4
+        assert err.value.field in ("input_ids", "prompt", "text")
+        assert_kv_all_free(small)
+    assert engine.generate(ask("<image>", "?"), greedy(), image_data=SQUARE)["output_ids"]
+    assert_kv_all_free(engine)

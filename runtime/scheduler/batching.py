@@ -125,7 +125,7 @@ class Batcher:
         cache = self.kv.cache
         match = {
             id(r): cache.match_prefix(
-                r.input_ids[: prefix_cap(r)], r.cache_namespace, record=False
+                r.cache_key(prefix_cap(r)), r.cache_namespace, record=False
             ).length
             for r in self.waiting
         }
@@ -136,9 +136,9 @@ class Batcher:
         same step is computing now (it is cheaper to wait one step and reuse it)."""
         if not admitted or not self.kv.cache.enabled:
             return False
-        cached = self.kv.cache.match_prefix(req.input_ids, req.cache_namespace, record=False).length
+        cached = self.kv.cache.match_prefix(req.key_ids, req.cache_namespace, record=False).length
         return any(
-            _common_prefix_len(req.input_ids, other.input_ids) - cached >= MIN_SHARED_PREFIX
+            _common_prefix_len(req.key_ids, other.key_ids) - cached >= MIN_SHARED_PREFIX
             for other in admitted
             if other.cache_namespace == req.cache_namespace
         )

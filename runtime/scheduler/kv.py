@@ -53,7 +53,7 @@ class KVBook:
         # Counted in the hit rate only once admitted: a request that waits for KV is
         # matched again next step and must not count twice.
         match = self.cache.match_prefix(
-            req.input_ids[:prefix_cap], req.cache_namespace, record=False
+            req.cache_key(prefix_cap), req.cache_namespace, record=False
         )
         self.cache.lock(match.node)
         req.cached_tokens = req.tree_len = req.num_computed = match.length
@@ -76,7 +76,7 @@ class KVBook:
         if req.row is not None:
             n = req.num_computed
             slots = self.table.table[req.row, :n].clone()
-            self.cache.insert(req.fill_ids(0, n), slots, req.cache_namespace)
+            self.cache.insert(req.cache_key(n), slots, req.cache_namespace)
             self.cache.unlock(req.last_node)
             req.last_node = None
             self._lent.pop(req.row, None)  # nobody reads the row any more
@@ -128,7 +128,7 @@ class KVBook:
         chunk, cache what it computed so far, so requests admitted later reuse it."""
         req.num_computed += n
         if n > 1:
-            tokens = req.fill_ids(0, req.num_computed)
+            tokens = req.cache_key(req.num_computed)
             slots = self.table.table[req.row, : req.num_computed].clone()
             match = self.cache.insert_running(tokens, slots, req.last_node, req.cache_namespace)
             req.last_node, req.tree_len = match.node, match.length

@@ -3,8 +3,10 @@ its parts (see the package docstring for the life of a request)."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
+from plait.multimodal.embedding_cache import EmbeddingCache
 from plait.radix import NullCache, PrefixCache, RadixCache
 from plait.runtime.kv_pool import SlotAllocator
 from plait.runtime.model_runner import ModelRunner
@@ -27,6 +29,8 @@ class Scheduler:
         max_running_requests: int,
         schedule_policy: str = "lpm",
         disable_radix_cache: bool = False,
+        image_cache: EmbeddingCache | None = None,
+        image_settings: Hashable = None,
     ):
         self.runner = runner
         device, context_len = runner.device, runner.context_len
@@ -37,7 +41,7 @@ class Scheduler:
         self.kv = KVBook(cache, allocator, max_running_requests, context_len, device)
         images = None
         if runner.vision is not None:
-            images = ImageSplicer(runner.embed, runner.encode_images)
+            images = ImageSplicer(runner.embed, runner.encode_images, image_cache, image_settings)
         self.batcher = Batcher(
             self.kv,
             chunked_prefill_size=chunked_prefill_size,
@@ -96,16 +100,40 @@ class Scheduler:
         return bool(self.batcher.waiting or self.batcher.running)
 
     def flush_cache(self) -> bool:
-        """Drop every cached prefix; refused (False) while requests are running."""
+        """Drop every cached prefix (and image embedding); refused (False) while
+        requests are running."""
         if self.batcher.running:
             return False
         self.kv.flush()
+        if self.batcher.images is not None:
+            self.batcher.images.cache.clear()
         return True
 
     def close(self) -> None:
         self.grammar.close()
 
     # ---- what the engine reads ---------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Live figures: queues, KV slots, the prefix cache and, for a vision-language
+        model, the vision-embedding cache and the images encoded."""
+        free = self.allocator.num_free
+        cache = self.cache
+        stats = {
+            "num_running_reqs": len(self.running),
+            "num_waiting_reqs": len(self.waiting),
+            "kv_slots_free": free,
+            "kv_slots_used": self.allocator.size - free,
+            "num_forward_passes": self.num_forward_passes,
+            "cache_tokens": cache.total_size,
+            "cache_hit_tokens": cache.stats.hit_tokens,
+            "cache_query_tokens": cache.stats.query_tokens,
+            "cache_hit_rate": cache.stats.hit_rate,
+        }
+        images = self.batcher.images
+        if images is not None:
+            stats.update(images.cache.stats().as_dict(), num_images_encoded=images.num_encoded)
+        return stats
 
     @property
     def waiting(self):

@@ -1,7 +1,8 @@
 """``GET /metrics``: Prometheus text format, from the standard client library.
 
 Counters and histograms are updated as requests finish; the engine's live
-figures (queues, KV slots, prefix-cache hit rate) are read at scrape time.
+figures (queues, KV slots, prefix-cache hit rate, and a vision-language model's
+embedding cache) are read at scrape time.
 Each app has its own registry, so several servers can live in one process.
 """
 
@@ -17,6 +18,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
+
+from plait.multimodal.embedding_cache import prometheus_families
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -37,6 +40,7 @@ class _EngineCollector:
         }
         for name, doc in gauges.items():
             yield GaugeMetricFamily(f"plait_{name}", doc, value=float(stats[name]))
+        yield from prometheus_families(stats)  # the vision-embedding cache (VLMs only)
 
 
 class Metrics:
