@@ -175,10 +175,16 @@ def branches(s, image):
     s["agains"] = [
         (text_before(f, "again", c[1]), output_ids(f, "again")) for f, c in zip(forks, cues)
     ]
+    s["cached"] = [f.get_meta_info("view")["cached_tokens"] for f in forks]
 
 
 def test_fork_branches_carry_the_image_and_their_own(engine):
+    engine.flush_cache()
     state = branches.run(image=WIDE, backend=engine, temperature=0)
+    # Each branch starts from the prefix the fork cached, its image included.
+    parent = "<|im_start|>User:<image>Describe it.<end_of_utterance>\n"
+    shared = engine.generate(parent, {"max_new_tokens": 0}, image_data=WIDE)
+    assert min(state["cached"]) >= shared["meta_info"]["prompt_tokens"] - 1
     for prompt, ids in state["views"]:
         assert prompt.count("<image>") == 1
         assert ids == engine_ids(engine, prompt, [WIDE])
