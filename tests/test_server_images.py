@@ -11,11 +11,16 @@ import contextlib
 import http.server
 import io
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
 
+import httpx
 import jsonschema
 import numpy as np
 import pytest
@@ -126,9 +131,13 @@ def media_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = make_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
-    with plait.Engine(model=path, max_total_tokens=2048, max_running_requests=8) as eng:
+def vlm_dir(tmp_path_factory) -> str:
+    return make_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
+
+
+@pytest.fixture(scope="module")
+def engine(vlm_dir):
+    with plait.Engine(model=vlm_dir, max_total_tokens=2048, max_running_requests=8) as eng:
         yield eng
 
 
@@ -411,6 +420,9 @@ def test_a_url_over_the_byte_limit_is_refused(servers, engine, web):
     assert_refused(r, "image_data[1]", f"{web}/big.png", str(LIMIT))
     content = [{"type": "image_url", "image_url": {"url": f"{web}/big.png"}}]
     assert_refused(chat(servers["guarded"], content), "messages.0.content.0.image_url", "limit")
+    for source in (b64(png(BIG)), data_url(png(BIG))):  # sent inline: the same limit
+        r = generate(servers["guarded"], ask("<image>"), source)
+        assert_refused(r, "image_data", f"more than {LIMIT} bytes")
     assert_fine(servers["guarded"], engine)
 
 
@@ -493,3 +505,67 @@ def test_other_media_fields_and_bad_shapes_are_refused(client, engine):
         "image_url.url",
     )
     assert_fine(client, engine)
+
+
+# ---- plait serve -------------------------------------------------------------------------------
+
+
+@plait.function
+def describe_two(s, first, second):
+    s += plait.user(plait.image(first) + "and" + plait.image(second) + "Which is taller?")
+    s += plait.assistant(plait.gen("answer", max_tokens=N, ignore_eos=True))
+
+
+def test_plait_serve_takes_the_media_flags_and_images_from_runtime_endpoint(
+    vlm_dir, engine, media_dir, tmp_path
+):
+    """``plait serve`` on the VLM with --allowed-local-media-path and --max-media-bytes:
+    a program through RuntimeEndpoint (two images, sent as base64) and a /generate
+    naming a local file give the engine's results; a file outside the directory and an
+    image over the byte limit are refused."""
+    allowed, inside, outside = media_dir
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 (read back on failure)
+    cmd = [sys.executable, "-m", "plait", "serve", "--model", vlm_dir, "--port", str(port)]
+    cmd += ["--max-total-tokens", "2048", "--served-model-name", MODEL]
+    cmd += ["--allowed-local-media-path", str(allowed), "--max-media-bytes", str(LIMIT)]
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            log.seek(0)
+            assert proc.poll() is None, f"plait serve exited early: {log.read()[-2000:]}"
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "plait serve did not come up"
+            time.sleep(0.5)
+        endpoint = plait.RuntimeEndpoint(base)
+        assert endpoint.supports_images
+        remote = describe_two.run(first=TALL, second=SQUARE, backend=endpoint, temperature=0)
+        local = describe_two.run(first=TALL, second=SQUARE, backend=engine, temperature=0)
+        assert remote.text() == local.text()
+        prompt = ask("<image>", "What is in the picture?")
+        body = {"text": prompt, "sampling_params": sampling(), "image_data": str(inside)}
+        r = httpx.post(f"{base}/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        expected = engine.generate(prompt, sampling(), image_data=WIDE)
+        assert r.json()["output_ids"] == expected["output_ids"]
+        r = httpx.post(f"{base}/generate", json={**body, "image_data": str(outside)}, timeout=60)
+        assert_refused(r, "image_data", "outside the allowed local media directory")
+        r = httpx.post(f"{base}/generate", json={**body, "image_data": b64(png(BIG))}, timeout=60)
+        assert_refused(r, "image_data", f"more than {LIMIT} bytes")
+        assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
