@@ -171,10 +171,16 @@ def select(
 
 
 def image(source: Any) -> Expr:
-    """An image in the current turn: a path, bytes, a base64 string or data URL, or
-    a PIL image. Several per turn are allowed."""
+    """An image in the current turn: a path, bytes, a base64 string or data URL, a PIL
+    image, or an http(s) URL (fetched now, with the media module's default timeout and
+    byte limit). Several per turn are allowed; the image stays in the prompt for the
+    turns after it. Loaded here, so a bad source raises where the program names it."""
     from plait.multimodal.image import load_image
 
+    if isinstance(source, str) and source.lstrip()[:8].lower().startswith(("http://", "https://")):
+        from plait.multimodal.media import MediaPolicy, load_for_request
+
+        return Image(load_for_request(source, MediaPolicy()))
     return Image(load_image(source))
 
 

@@ -82,6 +82,7 @@ class EngineBackend(Backend):
         self.engine = engine
         self.chat_template = engine.chat_template
         self.model_name = engine.model_name  # a name, never the path of the weights
+        self.supports_images = bool(engine.input_limits.supports_images)
 
     def generate(self, text, sampling_params, **options):
         return self.engine.generate(_engine_input(text, sampling_params, options))
@@ -112,7 +113,9 @@ class RuntimeEndpoint(Backend):
         info = self._request("GET", "/get_model_info")
         self.model_info = info
         self.model_name = info.get("model_path", "model")
-        self.supports_images = bool(info.get("is_multimodal", False))
+        self.supports_images = bool(
+            info.get("has_image_understanding", info.get("is_multimodal", False))
+        )
         if "chat_template" in info and isinstance(info["chat_template"], dict):
             self.chat_template = ChatTemplate.from_dict(info["chat_template"])
         else:
@@ -173,16 +176,34 @@ class RuntimeEndpoint(Backend):
 
 def _engine_input(text: Any, sampling_params: Any, options: dict[str, Any], stream: bool = False):
     """The engine's GenerateInput of a backend call (``options``: the native API's
-    top-level fields, ``input_ids`` among them)."""
-    from plait.runtime.inputs import GenerateInput
+    top-level fields, ``input_ids`` and ``image_data`` among them)."""
+    from plait.runtime.inputs import GenerateInput, image_data_lists
 
-    return GenerateInput(prompt=text, sampling_params=sampling_params, stream=stream, **options)
+    options = dict(options)
+    image_data = options.pop("image_data", None)
+    inp = GenerateInput(prompt=text, sampling_params=sampling_params, stream=stream, **options)
+    inp.images = image_data_lists(image_data, inp.prompt, inp.input_ids)
+    return inp
 
 
 def _body(text: Any, sampling_params: Any, options: dict[str, Any]) -> dict[str, Any]:
     body = {"text": text, "sampling_params": sampling_params}
     body.update({k: v for k, v in options.items() if v is not None})
+    if body.get("image_data") is not None:
+        body["image_data"] = _wire_images(body["image_data"])
     return body
+
+
+def _wire_images(data: Any) -> Any:
+    """``image_data`` as it goes over HTTP: each image as base64 text (of a PNG, which
+    keeps its pixels, so the server hashes the same image), in the same shape."""
+    if isinstance(data, list):
+        return [_wire_images(d) for d in data]
+    if data is None:
+        return None
+    from plait.multimodal.image import load_image
+
+    return load_image(data).to_data_url().partition(",")[2]
 
 
 def _error_message(payload: bytes) -> str:

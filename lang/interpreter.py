@@ -105,7 +105,14 @@ class StreamExecutor:
         self.gens: dict[str, Gen] = {}  # how each variable was generated (for parsed())
         self.cur_role: str | None = None
         self.cur_role_begin = 0
-        self.cur_images: list[Any] = []
+        self.cur_role_prefix = ""  # the prefix written for the current role
+        self.image_next = False  # the expression after the one running is an image
+        # Every image in the text so far, in order (LoadedImages): each request sends
+        # them all, as earlier turns' images stay in the prompt. The current turn's
+        # images are kept with their offsets in the text, for messages().
+        self.images_: list[Any] = []
+        self.cur_images: list[tuple[int, Any]] = []
+        self.fork_images = 0
         self.scopes: dict[str, int] = {}
         self.fork_start = 0
         self.error: BaseException | None = None
@@ -185,8 +192,10 @@ class StreamExecutor:
             child.meta_info = dict(self.meta_info)
             child.gens = dict(self.gens)
             child.cur_role, child.cur_role_begin = self.cur_role, self.cur_role_begin
+            child.cur_role_prefix = self.cur_role_prefix
             child.cur_images = list(self.cur_images)
-            child.fork_start = len(self.text_)
+            child.images_ = list(self.images_)
+            child.fork_start, child.fork_images = len(self.text_), len(self.images_)
             children.append(child)
         return children
 
@@ -216,7 +225,10 @@ class StreamExecutor:
                 self._queue.task_done()
 
     def _execute(self, expr: Expr) -> None:
-        for e in _flatten(expr):
+        items = list(_flatten(expr))
+        for k, e in enumerate(items):
+            # A role opened right before an image writes its image-first prefix.
+            self.image_next = k + 1 < len(items) and isinstance(items[k + 1], Image)
             handler = getattr(self, "_run_" + type(e).__name__)
             handler(e)
 
@@ -240,18 +252,18 @@ class StreamExecutor:
             if t.default_system_prompt is not None and e.role != "system":
                 self._fill(t.prefix("system") + t.default_system_prompt + t.suffix("system"))
                 self.messages_.append({"role": "system", "content": t.default_system_prompt})
-        self._fill(t.prefix(e.role))
-        self.cur_role, self.cur_role_begin = e.role, len(self.text_)
+        prefix = t.prefix(e.role)
+        if self.image_next and self.backend.supports_images:
+            prefix = t.image_first_prefix.get(e.role, prefix)
+        self._fill(prefix)
+        self.cur_role, self.cur_role_begin, self.cur_role_prefix = e.role, len(self.text_), prefix
 
     def _run_RoleEnd(self, e: RoleEnd) -> None:
         if self.cur_role != e.role:
             raise ValueError(f"{e.role}_end() without {e.role}_begin()")
         content: Any = self.text_[self.cur_role_begin :]
         if self.cur_images:
-            content = [{"type": "text", "text": content}] + [
-                {"type": "image_url", "image_url": {"url": img.to_data_url()}}
-                for img in self.cur_images
-            ]
+            content = self._content_parts()
         self._fill(self.template.suffix(e.role))
         self.messages_.append({"role": e.role, "content": content})
         self.cur_role, self.cur_images = None, []
@@ -262,6 +274,19 @@ class StreamExecutor:
     def _run_VarScopeEnd(self, e: VarScopeEnd) -> None:
         self.set_var(e.name, self.text_[self.scopes.pop(e.name) :])
 
+    def _content_parts(self) -> list[dict[str, Any]]:
+        """The current turn as OpenAI content parts: its text and images in order."""
+        parts, at = [], self.cur_role_begin
+        token = self.template.image_token
+        for offset, img in self.cur_images:
+            if offset > at:
+                parts.append({"type": "text", "text": self.text_[at:offset]})
+            parts.append({"type": "image_url", "image_url": {"url": img.to_data_url()}})
+            at = offset + len(token)
+        if at < len(self.text_):
+            parts.append({"type": "text", "text": self.text_[at:]})
+        return parts
+
     def _run_Image(self, e: Image) -> None:
         if self.tracing:
             raise StopTracing("image")
@@ -271,18 +296,40 @@ class StreamExecutor:
                 self.backend.get_model_name(),
                 "this model is text-only; images need a vision-language model",
             )
-        self.cur_images.append(e.source)
-        self._fill(self.template.image_token)
+        t = self.template
+        opening = t.image_first_prefix.get(self.cur_role or "")
+        at_start = len(self.text_) == self.cur_role_begin
+        if opening is not None and at_start and self.cur_role_prefix != opening:
+            # The turn, opened on its own (``with s.user():``), starts with an image: the
+            # template writes another prefix then. (A reader streaming the whole text
+            # may have seen the first one.)
+            with self.cond:
+                cut = len(self.text_) - len(self.cur_role_prefix)
+                self.text_ = self.text_[:cut] + opening
+                self.cur_role_begin, self.cur_role_prefix = len(self.text_), opening
+        self.images_.append(e.source)
+        if self.cur_role is not None:
+            self.cur_images.append((len(self.text_), e.source))
+        self._fill(t.image_token)
+
+    def _images(self, batch: int | None = None) -> dict[str, Any]:
+        """The ``image_data`` option of a request on the text so far (all its images),
+        for one prompt or a batch of ``batch`` prompts that share the text."""
+        if not self.images_:
+            return {}
+        images = list(self.images_)
+        return {"image_data": images if batch is None else [images] * batch}
 
     def _run_Flush(self, e: Flush) -> None:
         if self.tracing:
             raise StopTracing("flush")
         if self.text_:
-            self.backend.generate(self.text_, {"max_new_tokens": 0})
+            self.backend.generate(self.text_, {"max_new_tokens": 0}, **self._images())
 
     def _run_ConcatForks(self, e: ConcatForks) -> None:
         for child in e.states:
             child.sync()
+            self.images_ += child.images_[child.fork_images :]
             self._fill(child.text_[child.fork_start :])
 
     # ---- gen ---------------------------------------------------------------------------
@@ -306,6 +353,7 @@ class StreamExecutor:
             "return_text_in_logprobs": e.return_text_in_logprobs,
         }
         options = {k: v for k, v in options.items() if v is not None}
+        options.update(self._images())
         if self.stream and params.get("n", 1) == 1:
             value, meta = "", None
             pieces = self.backend.generate_stream(self.text_, params, **options)
@@ -382,7 +430,9 @@ class StreamExecutor:
         prefix = self.text_
         n_prefix, last_token = 0, None
         if prefix:
-            pre = self.backend.generate(prefix, {"max_new_tokens": 0}, return_logprob=True)
+            pre = self.backend.generate(
+                prefix, {"max_new_tokens": 0}, return_logprob=True, **self._images()
+            )
             n_prefix = pre["meta_info"]["prompt_tokens"]
             last_token = pre["meta_info"]["input_token_logprobs"][-1][1]
         # Start two tokens early: joining text and choice may re-tokenize the boundary.
@@ -393,6 +443,7 @@ class StreamExecutor:
             return_logprob=True,
             logprob_start_len=start,
             return_text_in_logprobs=True,
+            **self._images(batch=len(choices)),
         )
         token_lps, entries = [], []
         for out in outs:

@@ -125,8 +125,9 @@ def load_for_request(source: object, policy: MediaPolicy) -> LoadedImage:
         )
     data = strict_base64(text)
     if data is not None:
+        data = _capped(data, text, policy)  # too large is refused, whatever else it is
         try:
-            return load_image_bytes(_capped(data, text, policy), text)
+            return load_image_bytes(data, text)
         except ImageError:
             if policy._root is None:
                 raise

@@ -10,10 +10,20 @@ for the same messages, including the template's default system prompt.
 Templates that are not turn-by-turn (a system message folded into the first
 user turn, say) cannot be cut this way; they fall back to a plain
 ``ROLE: text`` layout, with a warning.
+
+A vision-language model's template takes each message's content as a list of
+parts (``{"type": "text", ...}``, ``{"type": "image"}``): ``content_parts`` says
+so, and the sentinels are sent as text parts. What it writes for an image part
+is read off it too (``image_token``), and so is a role prefix that changes when
+the content starts with an image (SmolVLM writes ``User:<image>`` but ``User: text``).
+A generation prompt that is the assistant prefix without its trailing space
+(SmolVLM's ``Assistant:``) becomes the assistant prefix, so a ``gen`` starts where
+the model was trained to continue.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +43,14 @@ class ChatTemplate:
     stop_str: tuple[str, ...] = ()
     # Text once at the start of a conversation (a BOS the template writes itself).
     begin: str = ""
-    image_token: str = "<image>"
+    image_token: str = "<image>"  # what the template writes for an image part
     name: str = "model"
     extra: dict[str, Any] = field(default_factory=dict)
+    # The template takes content as a list of text and image parts (not a string).
+    content_parts: bool = False
+    # role -> the prefix written instead of prefix(role) when the content opens with
+    # an image.
+    image_first_prefix: dict[str, str] = field(default_factory=dict)
 
     def prefix(self, role: str) -> str:
         return self._role(role)[0]
@@ -70,6 +85,8 @@ class ChatTemplate:
             "begin": self.begin,
             "image_token": self.image_token,
             "name": self.name,
+            "content_parts": self.content_parts,
+            "image_first_prefix": dict(self.image_first_prefix),
         }
 
     @classmethod
@@ -81,6 +98,8 @@ class ChatTemplate:
             begin=d.get("begin", ""),
             image_token=d.get("image_token", "<image>"),
             name=d.get("name", "model"),
+            content_parts=bool(d.get("content_parts", False)),
+            image_first_prefix=dict(d.get("image_first_prefix") or {}),
         )
 
     @classmethod
@@ -88,11 +107,12 @@ class ChatTemplate:
         """Derive the roles from ``tokenizer``'s chat template (plain if it has none)."""
         if not getattr(tokenizer, "chat_template", None):
             return PLAIN
+        parts = _takes_parts(tokenizer)
         try:
-            return _derive(tokenizer)
+            return _derive(tokenizer, parts)
         except Exception as e:  # any template shape we cannot cut at turn boundaries
             logger.warning("chat template is not turn-by-turn (%s); using a plain layout", e)
-            return PLAIN
+            return dataclasses.replace(PLAIN, content_parts=parts)
 
 
 PLAIN = ChatTemplate(
@@ -105,9 +125,27 @@ PLAIN = ChatTemplate(
 )
 
 
-def _derive(tokenizer: Any) -> ChatTemplate:
-    def render(roles: list[str], generation: bool = False) -> str:
-        messages = [{"role": r, "content": _SENTINEL[r]} for r in roles]
+def _takes_parts(tokenizer: Any) -> bool:
+    """Whether the template needs content as parts: text content does not show."""
+    messages = [{"role": "user", "content": _SENTINEL["user"]}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that indexes into the content's parts
+        return True
+    return _SENTINEL["user"] not in text
+
+
+def _derive(tokenizer: Any, parts: bool = False) -> ChatTemplate:
+    def content(role: str, images: int = 0) -> Any:
+        if not parts:
+            return _SENTINEL[role]
+        return [{"type": "image"}] * images + [{"type": "text", "text": _SENTINEL[role]}]
+
+    def render(roles: list[str], generation: bool = False, images: int = 0) -> str:
+        messages = [
+            {"role": r, "content": content(r, images if k == len(roles) - 1 else 0)}
+            for k, r in enumerate(roles)
+        ]
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation
         )
@@ -130,7 +168,14 @@ def _derive(tokenizer: Any) -> ChatTemplate:
         "assistant": _cut(sua[len(su) :], "assistant"),
     }
     generation_prompt = render(["system", "user"], generation=True)[len(su) :]
-    if generation_prompt and generation_prompt != roles["assistant"][0]:
+    prefix = roles["assistant"][0]
+    if (
+        generation_prompt
+        and prefix.startswith(generation_prompt)
+        and not prefix[len(generation_prompt) :].strip()
+    ):
+        roles["assistant"] = (generation_prompt, roles["assistant"][1])
+    elif generation_prompt and generation_prompt != roles["assistant"][0]:
         raise ValueError(
             f"generation prompt {generation_prompt!r} differs from the assistant prefix "
             f"{roles['assistant'][0]!r}"
@@ -152,7 +197,30 @@ def _derive(tokenizer: Any) -> ChatTemplate:
     if not stop and getattr(tokenizer, "eos_token", None):
         stop = (tokenizer.eos_token,)
     name = getattr(tokenizer, "name_or_path", "") or "model"
-    return ChatTemplate(roles, default_system, stop, begin, name=str(name))
+    template = ChatTemplate(roles, default_system, stop, begin, name=str(name))
+    if not parts:
+        return template
+    image_token, image_first = "<image>", {}
+    try:
+        starts = {"system": len(begin), "user": len(s), "assistant": len(su)}
+        turns = {"system": ["system"], "user": ["system", "user"]}
+        turns["assistant"] = ["system", "user", "assistant"]
+        for role, roles_so_far in turns.items():
+            one = render(roles_so_far, images=1)[starts[role] :]
+            two = render(roles_so_far, images=2)[starts[role] :]
+            head1, head2 = (t[: t.index(_SENTINEL[role])] for t in (one, two))
+            image_token = head2[len(head1) :]
+            if not image_token or not head1.endswith(image_token):
+                raise ValueError(f"the {role} turn does not write each image the same way")
+            opening = head1[: -len(image_token)]
+            if opening != roles[role][0]:
+                image_first[role] = opening
+    except Exception as e:  # images then go where the default image token is written
+        logger.warning("cannot read how the chat template writes images (%s)", e)
+        image_token, image_first = "<image>", {}
+    return dataclasses.replace(
+        template, content_parts=True, image_token=image_token, image_first_prefix=image_first
+    )
 
 
 def _cut(block: str, role: str) -> tuple[str, str]:

@@ -43,6 +43,7 @@ from plait.runtime.server.errors import (
     install_error_handlers,
     refuse_lone_surrogates,
 )
+from plait.runtime.server.images import supports_images
 from plait.runtime.server.metrics import Metrics
 from plait.runtime.server.middleware import install_middleware
 from plait.runtime.server.native import (
@@ -50,6 +51,7 @@ from plait.runtime.server.native import (
     check_generate_fields,
     check_profile_request,
     generate_input,
+    load_images,
     native_error,
     native_stream,
     num_outputs,
@@ -92,8 +94,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/generate")
     @app.put("/generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
-        check_generate_fields(body, config.served_model_name)
-        inp = generate_input(body)
+        check_generate_fields(body, config.served_model_name, supports_images(engine))
+        inp = generate_input(body, await load_images(body, config.media_policy))
         incremental = body.incremental_streaming_output
         if incremental is None:
             incremental = config.incremental_streaming_output
@@ -123,8 +125,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             "tokenizer_path": config.served_model_name,
             "served_model_name": config.served_model_name,
             "is_generation": True,
-            "is_multimodal": False,
-            "has_image_understanding": False,
+            "is_multimodal": supports_images(engine),
+            "has_image_understanding": supports_images(engine),
+            "has_audio_understanding": False,
             "architectures": [mc.architecture],
             "context_length": engine.context_len,
             "vocab_size": mc.vocab_size,

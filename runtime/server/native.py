@@ -1,6 +1,7 @@
 """What the native API needs besides its routes: the /generate body checked and
-turned into a GenerateInput, its event stream, its errors in its own field names,
-and the /start_profile request checked."""
+turned into a GenerateInput (its ``image_data`` loaded under the server's media
+policy), its event stream, its errors in its own field names, and the
+/start_profile request checked."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from plait.multimodal.image import LoadedImage
+from plait.multimodal.media import MediaPolicy
 from plait.runtime.errors import RequestError
-from plait.runtime.inputs import GenerateInput
+from plait.runtime.inputs import GenerateInput, image_data_lists
 from plait.runtime.server.config import ServerConfig
 from plait.runtime.server.errors import APIError
+from plait.runtime.server.images import load_named
 from plait.runtime.server.metrics import Metrics
 from plait.runtime.server.protocol import (
     MEDIA_FIELDS,
@@ -25,19 +29,25 @@ from plait.runtime.server.streaming import SSE_DONE, sse
 
 
 def native_error(e: RequestError) -> APIError:
-    """The engine's error in /generate's own names: its prompt field is ``text``."""
+    """The engine's error in /generate's own names: its prompt field is ``text``, its
+    images ``image_data``."""
     field = e.field
-    if field == "prompt" or field.startswith("prompt."):
+    if field == "prompt" or field.startswith(("prompt.", "prompt[")):
         field = "text" + field[len("prompt") :]
+    elif field == "images" or field.startswith(("images.", "images[")):
+        field = "image_data" + field[len("images") :]
     message = str(e)
     if message.startswith(e.field):
         message = field + message[len(e.field) :]
     return APIError(400, message, param=field)
 
 
-def check_generate_fields(body: GenerateRequest, model_name: str) -> None:
+def check_generate_fields(
+    body: GenerateRequest, model_name: str, supports_images: bool = False
+) -> None:
     """Refuse fields of SGLang's native API that cannot apply here (never ignore them
-    silently), and fields SGLang does not define."""
+    silently), and fields SGLang does not define. A vision-language model takes
+    ``image_data``; no model here takes video, audio or the other media fields."""
     extra = sorted(body.model_extra or {})
     if extra:
         raise APIError(
@@ -46,14 +56,24 @@ def check_generate_fields(body: GenerateRequest, model_name: str) -> None:
             param=extra[0],
         )
     for name in MEDIA_FIELDS:
-        if _is_set(getattr(body, name)):
+        if not _is_set(getattr(body, name)):
+            continue
+        if supports_images:
+            if name == "image_data":
+                continue
             raise APIError(
                 400,
-                f"{name}: model {model_name!r} is text-only: it takes no image, video or "
-                "audio input (serve a vision-language model for images)",
+                f"{name}: model {model_name!r} takes images only, through image_data",
                 param=name,
-                code="model_not_multimodal",
+                code="unsupported_field",
             )
+        raise APIError(
+            400,
+            f"{name}: model {model_name!r} is text-only: it takes no image, video or "
+            "audio input (serve a vision-language model for images)",
+            param=name,
+            code="model_not_multimodal",
+        )
     for name, why in UNSUPPORTED_FIELDS.items():
         if _is_set(getattr(body, name)):
             raise APIError(400, f"{name}: {why}", param=name, code="unsupported_field")
@@ -74,9 +94,11 @@ def num_outputs(body: GenerateRequest) -> int:
     return len(prompts) * max(n, 1)
 
 
-def generate_input(body: GenerateRequest) -> GenerateInput:
-    """The engine's input of a /generate body; the engine validates it (rid,
-    top_logprobs_num, n...)."""
+def generate_input(
+    body: GenerateRequest, images: list[list[LoadedImage]] | None = None
+) -> GenerateInput:
+    """The engine's input of a /generate body and its loaded images (``load_images``);
+    the engine validates it (rid, top_logprobs_num, n, placeholders...)."""
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of text or input_ids", param="text")
     batch = isinstance(body.text, list) or bool(
@@ -94,7 +116,43 @@ def generate_input(body: GenerateRequest) -> GenerateInput:
         return_text_in_logprobs=body.return_text_in_logprobs,
         stream=bool(body.stream),
         rid=body.rid,
+        images=images,
     )
+
+
+async def load_images(body: GenerateRequest, policy: MediaPolicy) -> list[list[LoadedImage]] | None:
+    """The images of ``body.image_data`` (SGLang's shapes: one image, a list for the
+    prompt, one entry per prompt of a batch), loaded under ``policy`` by
+    ``images.load_named``. A source that is refused or cannot be read is a 400 naming
+    it: ``image_data[1]`` (``image_data[2][0]`` in a batch)."""
+    if not _is_set(body.image_data):
+        return None
+    try:
+        per_prompt = image_data_lists(body.image_data, body.text, body.input_ids)
+    except RequestError as e:
+        raise native_error(e) from e
+    # The field of each source, as the client wrote it.
+    nested = isinstance(body.image_data, list) and not _single_prompt(body)
+    sources = []
+    for i, entries in enumerate(per_prompt):
+        for j, source in enumerate(entries):
+            if not isinstance(body.image_data, list):
+                field = "image_data"
+            elif not nested:
+                field = f"image_data[{j}]"
+            elif isinstance(body.image_data[i], list):
+                field = f"image_data[{i}][{j}]"
+            else:
+                field = f"image_data[{i}]"
+            sources.append((field, source))
+    loaded = iter(await load_named(sources, policy))
+    return [[next(loaded) for _ in entries] for entries in per_prompt]
+
+
+def _single_prompt(body: GenerateRequest) -> bool:
+    if body.text is not None:
+        return isinstance(body.text, str)
+    return not body.input_ids or isinstance(body.input_ids[0], int)
 
 
 def _one_value(body: GenerateRequest, name: str) -> Any:

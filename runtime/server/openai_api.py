@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from plait.runtime.errors import RequestError
 from plait.runtime.inputs import GenerateInput
 from plait.runtime.server.errors import APIError, ClientDisconnected, JSONResponse
+from plait.runtime.server.images import load_named, supports_images
 from plait.runtime.server.openai_output import (
     chat_logprobs,
     chunk_writer,
@@ -34,7 +35,6 @@ from plait.runtime.server.openai_output import (
 )
 from plait.runtime.server.protocol import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     _OpenAISampling,
 )
@@ -75,7 +75,7 @@ def _openai_error(e: RequestError, body: _OpenAISampling, prompt_param: str) -> 
     if name == "max_new_tokens":
         chat_max = getattr(body, "max_completion_tokens", None)
         param = "max_completion_tokens" if chat_max is not None else "max_tokens"
-    elif name.startswith(("input_ids", "prompt")):
+    elif name.startswith(("input_ids", "prompt", "images")):
         param = prompt_param
     elif name in ("regex", "ebnf", "json_schema") and getattr(body, name) is None:
         param = "response_format"  # the constraint came from response_format
@@ -160,43 +160,87 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 # ---- chat completions ----------------------------------------------------------------------
 
 
-def _message_text(i: int, m: ChatMessage) -> str:
-    if m.content is None or isinstance(m.content, str):
-        return m.content or ""
-    texts = []
-    for j, part in enumerate(m.content):
-        kind = part.get("type")
-        where = f"messages.{i}.content.{j}"
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise APIError(
-                    400, f"{where}.text: a text part needs a string", param=f"{where}.text"
-                )
-            texts.append(part["text"])
-        elif kind in ("image_url", "input_image"):
-            raise APIError(
-                400,
-                f"{where}: this model is text-only: image inputs need a vision-language model",
-                param=where,
-            )
+def _chat_messages(
+    body: ChatCompletionRequest, engine: Any, model_name: str
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The messages as the model's chat template takes them, and the (field, source) of
+    each image part in order. Images (``image_url`` parts: data URLs, http(s) URLs;
+    ``detail`` is accepted and ignored) need a vision-language model; the template gets
+    an ``{"type": "image"}`` part where each goes, or, for a template that takes text
+    content, the model's image placeholder in the text."""
+    vlm = supports_images(engine)
+    parts = engine.chat_template.content_parts
+    image_token = engine.image_inputs.image_token if vlm else ""
+    messages, images = [], []
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        content: list[dict[str, Any]] = []
+        if m.content is None or isinstance(m.content, str):
+            content.append({"type": "text", "text": m.content or ""})
         else:
-            raise APIError(
-                400,
-                f"{where}.type: unsupported content part of type {kind!r}",
-                param=f"{where}.type",
-            )
-    return "".join(texts)
+            for j, part in enumerate(m.content):
+                where = f"messages.{i}.content.{j}"
+                source = _content_part(where, part, vlm, model_name)
+                if source is None:
+                    content.append({"type": "text", "text": part["text"]})
+                else:
+                    images.append((f"{where}.image_url", source))
+                    content.append(
+                        {"type": "image"} if parts else {"type": "text", "text": image_token}
+                    )
+        if not parts:
+            content = "".join(p["text"] for p in content)
+        messages.append({"role": role, "content": content})
+    return messages, images
+
+
+def _content_part(where: str, part: dict[str, Any], vlm: bool, model_name: str) -> str | None:
+    """The image source of an image part, None for a text part; a 400 for others."""
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise APIError(400, f"{where}.text: a text part needs a string", param=f"{where}.text")
+        return None
+    if kind not in ("image_url", "input_image"):
+        raise APIError(
+            400, f"{where}.type: unsupported content part of type {kind!r}", param=f"{where}.type"
+        )
+    if not vlm:
+        raise APIError(
+            400,
+            f"{where}: model {model_name!r} is text-only: image inputs need a "
+            "vision-language model",
+            param=where,
+            code="model_not_multimodal",
+        )
+    url = part.get("image_url")
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url:
+        raise APIError(
+            400,
+            f"{where}.image_url: an image part needs image_url.url (a data URL or an http(s) URL)",
+            param=f"{where}.image_url",
+        )
+    return url
+
+
+def _text_of(content: Any, image_token: str) -> str:
+    """A message's content as text (an image as the model's placeholder)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] if p["type"] == "text" else image_token for p in content)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     _check_model(request, body.model)
     engine = _engine(request)
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)}
-        for i, m in enumerate(body.messages)
-    ]
-    prefill = _assistant_prefill(body, messages)
+    config = request.app.state.config
+    messages, sources = _chat_messages(body, engine, config.served_model_name)
+    image_token = engine.chat_template.image_token
+    prefill = _assistant_prefill(body, messages, image_token)
+    images = await load_named(sources, config.media_policy) if sources else None
     # Rendering a long conversation takes a while: off the event loop.
     prompt = await run_in_threadpool(engine.apply_chat_template, messages) + prefill
     max_tokens = (
@@ -214,19 +258,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             "top_logprobs_num": body.top_logprobs or 0,
             "return_text_in_logprobs": True,
         }
+    options = {**logprob_options, "images": [images]} if images else logprob_options
     rid = body.rid or f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     metrics = request.app.state.metrics
     try:
         if body.stream:
-            streams = await open_streams(engine, [prompt], params, logprob_options, rid)
+            streams = await open_streams(engine, [prompt], params, options, rid)
             return StreamingResponse(
                 _chat_events(streams, rid, created, body, metrics), media_type="text/event-stream"
             )
         outs = await until_disconnect(
             request,
             engine.async_generate(
-                GenerateInput(prompt=prompt, sampling_params=params, rid=rid, **logprob_options)
+                GenerateInput(prompt=prompt, sampling_params=params, rid=rid, **options)
             ),
         )
     except RequestError as e:
@@ -258,7 +303,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     )
 
 
-def _assistant_prefill(body: ChatCompletionRequest, messages: list[dict[str, Any]]) -> str:
+def _assistant_prefill(
+    body: ChatCompletionRequest, messages: list[dict[str, Any]], image_token: str
+) -> str:
     """The text the assistant's reply starts with: the last message with
     ``continue_final_message`` (taken off the list, so its turn is left open), or
     ``response_prefill``. It follows the rendered generation prompt."""
@@ -277,7 +324,7 @@ def _assistant_prefill(body: ChatCompletionRequest, messages: list[dict[str, Any
             "must be the assistant's reply to continue",
             param="continue_final_message",
         )
-    return messages.pop()["content"]
+    return _text_of(messages.pop()["content"], image_token)
 
 
 async def _chat_events(
