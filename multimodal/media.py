@@ -14,10 +14,11 @@ plain base64 text           always accepted
                             whole fetch) and at most ``max_bytes``; with
                             ``allowed_media_domains``, only those exact host
                             names (redirects are checked hop by hop)
-a path, or ``file://...``   only when the server has ``allowed_local_media_path``
+a plain path                only when the server has ``allowed_local_media_path``
                             and the path, symlinks and ``..`` resolved, lies
                             inside it (a relative path is taken from there)
-any other scheme            refused
+``file://`` and any other   refused (a URL never reaches the file system: local
+scheme                      files come only as plain paths, under the rule above)
 ==========================  ======================================================
 
 Every refusal is an ``ImageError`` (a ``ValueError``) naming the source, shortened,
@@ -117,11 +118,10 @@ def load_for_request(source: object, policy: MediaPolicy) -> LoadedImage:
         name = scheme.group(1).lower()
         if name in ("http", "https"):
             return load_image_bytes(fetch(text, policy), text)
-        if name == "file":
-            return _local(_file_url_path(text), text, policy, "refused:")
         raise ImageError(
             f"image source {shorten(text)!r}: the {name!r} scheme is not accepted "
-            "(send a data URL, base64 or an http(s) URL)"
+            "(send a data URL, base64 or an http(s) URL; a server started with "
+            "--allowed-local-media-path also reads plain paths under it)"
         )
     data = strict_base64(text)
     if data is not None:
@@ -165,13 +165,6 @@ def _local(path: str, shown: str, policy: MediaPolicy, what: str) -> LoadedImage
     except OSError as e:
         raise ImageError(f"image source {shorten(shown)!r}: cannot read ({e.strerror})") from None
     return load_image_bytes(_capped(data, shown, policy), shown)
-
-
-def _file_url_path(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
-        raise ImageError(f"image source {shorten(url)!r}: a file URL names no other host")
-    return urllib.request.url2pathname(parts.path)
 
 
 # ---- encoded data ----------------------------------------------------------------------------

@@ -396,20 +396,21 @@ def test_a_local_path_needs_the_flag_and_must_lie_inside_the_directory(servers, 
     assert_fine(servers["guarded"], engine)
 
 
-def test_file_urls_follow_the_local_path_rules(servers, engine, media_dir):
-    """A file URL is a local path: refused without the flag and outside the directory
-    (as vLLM does, one inside it is read)."""
+def test_file_urls_are_refused_everywhere(servers, engine, media_dir):
+    """A file URL never reaches the file system, even inside the allowed directory (the
+    same file as a plain path is read there)."""
     _, inside, outside = media_dir
     r = generate(servers["open"], ask("<image>"), [f"file://{inside}"])
-    assert_refused(r, "image_data[0]", "file://", "reads no local files")
+    assert_refused(r, "image_data[0]", "file://", "scheme is not accepted")
     content = [{"type": "image_url", "image_url": {"url": f"file://{inside}"}}]
     r = chat(servers["open"], content)
-    assert_refused(r, "messages.0.content.0.image_url", "reads no local files")
-    r = generate(servers["guarded"], ask("<image>"), [f"file://{outside}"])
-    assert_refused(r, "image_data[0]", "outside the allowed local media directory")
-    r = generate(servers["guarded"], ask("<image>"), [f"file://{inside}"])
+    assert_refused(r, "messages.0.content.0.image_url", "scheme is not accepted")
+    for path in (inside, outside):
+        r = generate(servers["guarded"], ask("<image>"), [f"file://{path}"])
+        assert_refused(r, "image_data[0]", "scheme is not accepted")
+    r = generate(servers["guarded"], ask("<image>"), [str(inside)])
     assert r.status_code == 200, r.text
-    assert_fine(servers["open"], engine)
+    assert_fine(servers["guarded"], engine)
 
 
 def test_a_url_over_the_byte_limit_is_refused(servers, engine, web):
