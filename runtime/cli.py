@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-local-media-path",
         metavar="DIR",
         default=None,
-        help="requests may name local image files (paths or file:// URLs) inside DIR, "
+        help="requests may name local image files by plain path inside DIR (file:// URLs are "
+        "always refused), "
         "symlinks resolved; by default a request reads no local file",
     )
     m.add_argument(
