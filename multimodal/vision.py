@@ -71,6 +71,21 @@ class ImageItem:
         self.pixels = None
 
 
+def token_runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """The maximal runs of ``token`` in ``ids``, as ``(start, end)`` pairs in order."""
+    runs, i = [], 0
+    while i < len(ids):
+        if ids[i] != token:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and ids[j] == token:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
 def image_key_ids(input_ids: list[int], items: list[ImageItem]) -> list[int]:
     """A prompt's prefix-cache key: its ids with every image placeholder replaced by
     that image's ``key_id`` (the ids themselves when there are no images)."""

@@ -49,6 +49,13 @@ def tiny_model_dir(tmp_path_factory):
     return build
 
 
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """HTTP fetches go straight to 127.0.0.1, whatever proxy the environment names."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def idefics3_dir(tmp_path_factory) -> str:
     """A tiny random Idefics3 (SmolVLM's architecture) saved with its processor."""

@@ -9,18 +9,13 @@ same results; SGLang's own frontend runs an image program against it unmodified.
 from __future__ import annotations
 
 import base64
-import http.server
-import io
 import json
 import subprocess
 import sys
-import threading
 
-import numpy as np
 import pytest
 from http_server import running_server
-from PIL import Image
-from tiny_models import make_tiny_idefics3
+from pictures import SQUARE, TALL, WIDE, b64, picture_server, png
 
 import plait as pl
 from plait.runtime.errors import RequestError
@@ -29,25 +24,12 @@ from plait.runtime.server import ServerConfig, create_app
 N = 8  # new tokens per gen
 
 
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-WIDE, TALL, SQUARE = picture(64, 48, 1), picture(40, 80, 2), picture(30, 30, 3)
 ANSWER = {"max_tokens": N, "ignore_eos": True, "return_logprob": True}
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = make_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
-    with pl.Engine(model=path, max_total_tokens=4096, max_running_requests=16) as eng:
+def engine(idefics3_dir):
+    with pl.Engine(model=idefics3_dir, max_total_tokens=4096, max_running_requests=16) as eng:
         yield eng
 
 
@@ -227,28 +209,12 @@ def test_run_batch_gives_each_program_its_images(engine):
         assert output_ids(state, "answer") == engine_ids(engine, prompt, images)
 
 
-class _Pictures(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        body = png(WIDE)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def test_every_kind_of_source_is_the_same_image(tmp_path, monkeypatch):
-    for name in ("http_proxy", "HTTP_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+def test_every_kind_of_source_is_the_same_image(tmp_path, no_proxy):
     path = tmp_path / "wide.png"
     WIDE.save(path)
-    encoded = base64.b64encode(png(WIDE)).decode()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Pictures)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/wide.png"
+    encoded = b64(png(WIDE))
+    with picture_server({"/wide.png": png(WIDE)}) as base:
+        url = f"{base}/wide.png"
         sources = [
             WIDE,
             png(WIDE),
@@ -259,9 +225,6 @@ def test_every_kind_of_source_is_the_same_image(tmp_path, monkeypatch):
             url,
         ]
         hashes = {pl.image(source).source.content_hash for source in sources}
-    finally:
-        server.shutdown()
-        server.server_close()
     assert len(hashes) == 1
     with pytest.raises(ValueError, match="not a readable image"):
         pl.image(b"not an image")

@@ -11,13 +11,12 @@ import contextlib
 import http.server
 import io
 import re
-import struct
 import threading
 import time
-import zlib
 
 import pytest
 from http_server import free_port
+from pictures import bomb_png, data_url
 from PIL import Image
 
 from plait.multimodal.image import ImageError, load_image, load_image_bytes
@@ -30,23 +29,6 @@ def png(color=(200, 30, 60), size=(6, 4)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A valid PNG header claiming ``width x height`` pixels, with almost no data: a
-    few hundred bytes that would decode to tens of gigabytes."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 EXPECTED = load_image(png()).content_hash
@@ -128,11 +110,8 @@ def web():
     server.server_close()
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """Fetches go straight to 127.0.0.1, whatever proxy the environment names."""
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+# Fetches go straight to 127.0.0.1, whatever proxy the environment names.
+pytestmark = pytest.mark.usefixtures("no_proxy")
 
 
 # ---- encoded data --------------------------------------------------------------------------

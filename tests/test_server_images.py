@@ -6,29 +6,32 @@ each a 400 naming the field, after which the server still serves and holds no KV
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import http.server
-import io
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
-import threading
 import time
-import zlib
 
 import httpx
 import jsonschema
-import numpy as np
 import pytest
 from common import ERROR_KEYS, GREEDY, PERSON, assert_kv_all_free, sse_events
 from fastapi.testclient import TestClient
 from http_server import free_port
-from PIL import Image
-from tiny_models import make_tiny_idefics3
+from pictures import (
+    SQUARE,
+    TALL,
+    WIDE,
+    ask,
+    b64,
+    bomb_png,
+    data_url,
+    picture,
+    picture_server,
+    png,
+)
 
 import plait
 from plait.runtime.server import ServerConfig, create_app
@@ -37,43 +40,6 @@ N = 8  # new tokens per request
 MODEL = "tiny-vlm"
 
 
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + b64(data)
-
-
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A valid PNG header claiming ``width x height`` pixels, with almost no data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def ask(*parts: str) -> str:
-    """A SmolVLM-style user turn (``<image>`` where each image goes) and the answer cue."""
-    return "<|im_start|>User:" + "".join(parts) + "<end_of_utterance>\nAssistant:"
-
-
-WIDE, TALL, SQUARE = picture(64, 48, 1), picture(40, 80, 2), picture(30, 30, 3)
 BIG = picture(200, 200, 4)  # a PNG of ~120 kB: over the guarded server's byte limit
 LIMIT = 50_000  # the guarded server's --max-media-bytes
 
@@ -85,38 +51,17 @@ def sampling(**extra) -> dict:
 # ---- servers -----------------------------------------------------------------------------------
 
 
-class _Pictures(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):  # quiet
-        pass
-
-    def do_GET(self):
-        routes = {"/wide.png": png(WIDE), "/tall.png": png(TALL), "/big.png": png(BIG)}
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            if self.path == "/slow.png":
-                time.sleep(3)
-            body = routes.get(self.path, png(SQUARE) if self.path == "/slow.png" else None)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-
 @pytest.fixture(scope="module")
 def web():
-    """The base URL of a picture server on 127.0.0.1."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Pictures)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    """The base URL of a picture server on 127.0.0.1 (``/slow.png`` answers in 3 s)."""
+    routes = {"/wide.png": png(WIDE), "/tall.png": png(TALL), "/big.png": png(BIG)}
+    routes["/slow.png"] = png(SQUARE)
+    with picture_server(routes, delays={"/slow.png": 3}) as url:
+        yield url
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """Fetches go straight to 127.0.0.1, whatever proxy the environment names."""
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+# Fetches go straight to 127.0.0.1, whatever proxy the environment names.
+pytestmark = pytest.mark.usefixtures("no_proxy")
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +76,8 @@ def media_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory) -> str:
-    return make_tiny_idefics3(tmp_path_factory.mktemp("tiny_idefics3"))
-
-
-@pytest.fixture(scope="module")
-def engine(vlm_dir):
-    with plait.Engine(model=vlm_dir, max_total_tokens=2048, max_running_requests=8) as eng:
+def engine(idefics3_dir):
+    with plait.Engine(model=idefics3_dir, max_total_tokens=2048, max_running_requests=8) as eng:
         yield eng
 
 
@@ -518,7 +458,7 @@ def describe_two(s, first, second):
 
 
 def test_plait_serve_takes_the_media_flags_and_images_from_runtime_endpoint(
-    vlm_dir, engine, media_dir, tmp_path
+    idefics3_dir, engine, media_dir, tmp_path
 ):
     """``plait serve`` on the VLM with --allowed-local-media-path and --max-media-bytes:
     a program through RuntimeEndpoint (two images, sent as base64) and a /generate
@@ -527,7 +467,7 @@ def test_plait_serve_takes_the_media_flags_and_images_from_runtime_endpoint(
     allowed, inside, outside = media_dir
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 (read back on failure)
-    cmd = [sys.executable, "-m", "plait", "serve", "--model", vlm_dir, "--port", str(port)]
+    cmd = [sys.executable, "-m", "plait", "serve", "--model", idefics3_dir, "--port", str(port)]
     cmd += ["--max-total-tokens", "2048", "--served-model-name", MODEL]
     cmd += ["--allowed-local-media-path", str(allowed), "--max-media-bytes", str(LIMIT)]
     proc = subprocess.Popen(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from common import GREEDY, assert_kv_all_free
-from test_vlm_idefics3 import SQUARE, TALL, WIDE, ask, picture, png
+from pictures import SQUARE, TALL, WIDE, ask, picture, png
 
 import plait
 from plait.multimodal.image import load_image

@@ -6,15 +6,12 @@ when chunked prefill cuts an image), and image requests kept apart in the prefix
 from __future__ import annotations
 
 import asyncio
-import io
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from common import GREEDY, assert_kv_all_free
-from PIL import Image
-from test_media import bomb_png
+from pictures import SQUARE, TALL, WIDE, ask, bomb_png, picture, png
 
 import plait
 from plait.multimodal.vision import ImageItem
@@ -23,26 +20,6 @@ from plait.runtime.inputs import TEXT_ONLY, image_data_lists
 from plait.runtime.scheduler.images import ImageSplicer
 
 N = 12  # new tokens per request
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    """A deterministic noise picture."""
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def ask(*parts: str) -> str:
-    """A SmolVLM-style user turn (``<image>`` where each image goes) and the answer cue."""
-    return "<|im_start|>User:" + "".join(parts) + "<end_of_utterance>\nAssistant:"
-
-
-WIDE, TALL, SQUARE = picture(64, 48, 1), picture(40, 80, 2), picture(30, 30, 3)
 
 
 @pytest.fixture(scope="module")

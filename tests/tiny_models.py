@@ -139,6 +139,43 @@ def make_tiny_model(
 
 # ---- a tiny vision-language model ------------------------------------------------------------
 
+
+def random_vlm(model_class, config, seed: int, norms: tuple[str, ...] = ("norm.weight",)):
+    """A vision-language model with seeded random weights large enough that its greedy
+    tokens depend on the image: norm weights (names ending in ``norms``) near 1, small
+    biases, N(0, 0.3) matrices."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(norms):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+            elif param.dim() >= 2:
+                param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def tiny_text_kwargs(tokenizer, **extra) -> dict:
+    """The language model of every tiny vision-language model: 2 layers, hidden 64,
+    grouped-query attention (4 heads, 2 KV heads), untied embeddings."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
 # The tokens an Idefics3 / SmolVLM tokenizer carries for images, as special tokens.
 IDEFICS3_TOKENS = (
     "<fake_token_around_image>",
@@ -179,19 +216,7 @@ def make_tiny_idefics3(path: str | os.PathLike, *, seed: int = 0) -> str:
         image_seq_len=(IDEFICS3_TILE // 8) ** 2 // 4,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
-    text_config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = transformers.LlamaConfig(**tiny_text_kwargs(tokenizer))
     vision_config = transformers.Idefics3VisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -207,18 +232,7 @@ def make_tiny_idefics3(path: str | os.PathLike, *, seed: int = 0) -> str:
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = transformers.Idefics3ForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif name.endswith(".bias"):
-                param.copy_(0.1 * torch.randn_like(param))
-            elif param.dim() >= 2:  # large weights: greedy tokens depend on the input
-                param.normal_(0.0, 0.3)
-    model.eval()
-    model.save_pretrained(path)
+    random_vlm(transformers.Idefics3ForConditionalGeneration, config, seed).save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
 
@@ -298,19 +312,7 @@ def make_tiny_llava(
         num_additional_image_tokens=extra_tokens,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    text_kwargs = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_kwargs = tiny_text_kwargs(tokenizer)
     if text == "mistral":
         text_kwargs["sliding_window"] = None
     text_config = _CONFIGS[text](**text_kwargs)
@@ -323,18 +325,10 @@ def make_tiny_llava(
         tie_word_embeddings=False,
         **settings,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("norm.weight", "layer_norm1.weight", "layer_norm2.weight")):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif name.endswith(".bias"):
-                param.copy_(0.1 * torch.randn_like(param))
-            elif param.dim() >= 2:  # large weights: greedy tokens depend on the input
-                param.normal_(0.0, 0.3)
-    model.eval()
-    model.save_pretrained(path)
+    norms = ("norm.weight", "layer_norm1.weight", "layer_norm2.weight")
+    random_vlm(transformers.LlavaForConditionalGeneration, config, seed, norms).save_pretrained(
+        path
+    )
     processor.save_pretrained(path)
     return str(path)
 
@@ -366,19 +360,9 @@ def make_tiny_qwen2_vl(path: str | os.PathLike, version: str = "2", *, seed: int
         temporal_patch_size=2,
         merge_size=merge,
     )
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+    text = tiny_text_kwargs(
+        tokenizer,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     vision = dict(
         depth=2,
@@ -412,18 +396,7 @@ def make_tiny_qwen2_vl(path: str | os.PathLike, version: str = "2", *, seed: int
             text_config=text, vision_config=vision_config.to_dict(), **ids
         )
         model_class = transformers.Qwen2_5_VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = model_class(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("ln_q.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif name.endswith(".bias"):
-                param.copy_(0.1 * torch.randn_like(param))
-            elif param.dim() >= 2:  # large weights: greedy tokens depend on the input
-                param.normal_(0.0, 0.3)
-    model.eval()
-    model.save_pretrained(path)
+    random_vlm(model_class, config, seed, ("norm.weight", "ln_q.weight")).save_pretrained(path)
     # The processor's parts (its video processor would need torchvision, images do not).
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)

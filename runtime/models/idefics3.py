@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from plait.multimodal.image import LoadedImage
-from plait.multimodal.vision import ImageItem, ProcessedPrompt
+from plait.multimodal.vision import ImageItem, ProcessedPrompt, token_runs
 from plait.runtime.errors import RequestError
 
 
@@ -108,16 +108,7 @@ class Idefics3Inputs:
     def _runs_per_image(self, ids: list[int], num_images: int) -> list[list[tuple[int, int]]]:
         """The runs of image tokens, one per tile, grouped by image: an image's last
         run is its global view, the one after ``<global-img>``."""
-        token, runs, i = self.image_token_id, [], 0
-        while i < len(ids):
-            if ids[i] != token:
-                i += 1
-                continue
-            j = i
-            while j < len(ids) and ids[j] == token:
-                j += 1
-            runs.append((i, j))
-            i = j
+        runs = token_runs(ids, self.image_token_id)
         groups: list[list[tuple[int, int]]] = [[]]
         for start, end in runs:
             if end - start != self.image_seq_len:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from plait.multimodal.image import LoadedImage
-from plait.multimodal.vision import ImageItem, ProcessedPrompt
+from plait.multimodal.vision import ImageItem, ProcessedPrompt, token_runs
 from plait.runtime.errors import RequestError
 
 # The processor class of each architecture (built by hand when AutoProcessor cannot be).
@@ -145,17 +145,7 @@ class Qwen2VLInputs:
     def _runs(self, ids: list[int]) -> list[tuple[int, int]]:
         """The runs of image tokens (one per image: the processor wraps each in
         ``<|vision_start|>`` / ``<|vision_end|>``)."""
-        token, runs, i = self.image_token_id, [], 0
-        while i < len(ids):
-            if ids[i] != token:
-                i += 1
-                continue
-            j = i
-            while j < len(ids) and ids[j] == token:
-                j += 1
-            runs.append((i, j))
-            i = j
-        return runs
+        return token_runs(ids, self.image_token_id)
 
 
 def load_processor(model_path: str) -> Any:
