@@ -239,9 +239,8 @@ def main(args: argparse.Namespace) -> int:
     engine = Engine(model=path, **engine_options(args, threads))
     device, dtype = engine.device, engine.dtype
     count = EncodeCounter(engine)
-    engine.generate(
-        "<|im_start|>User: warm up<end_of_utterance>\nAssistant:", {"max_new_tokens": 2}
-    )
+    warm_up = "<|im_start|>" + user_turn("warm up", image=True)
+    engine.generate(warm_up, {"max_new_tokens": 2}, image_data=picture(edge, 3))
     before = count()
     plait_chat = chat(plait_batch(engine), images, chat_size)
     chat_encoded = count() - before
@@ -257,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
         processor = AutoProcessor.from_pretrained(path)
         hf = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
         batch = hf_batch(hf, processor)
-        batch(["<|im_start|>" + user_turn("warm up", True)], images[:1], 2)
+        batch([warm_up], [picture(edge, 3)], 2)
         hf_chat = chat(batch, images, chat_size)
 
     print(f"plait bench vision: {describe(args.tiny, edge)}")
@@ -292,12 +291,12 @@ def _report_chat(
         print(f"{t + 1:4d} {secs:9.2f} {cached:11d} {hf_s} {ratio}")
     later = sum(plait.seconds[1:])
     if hf is None:
-        print(f"turns 2-{size['turns']}: plait {later:.2f} s; HF not run (--skip-hf)")
+        print(f"turns 2-{size['turns']}: plait {later:.3f} s; HF not run (--skip-hf)")
     else:
         hf_later = sum(hf.seconds[1:])
         ratio = hf_later / later
         print(
-            f"turns 2-{size['turns']}: plait {later:.2f} s, HF {hf_later:.2f} s: {ratio:.2f}x "
+            f"turns 2-{size['turns']}: plait {later:.3f} s, HF {hf_later:.3f} s: {ratio:.2f}x "
             f"(goal >= {CHAT_GOAL:g}x) {_verdict(ratio >= CHAT_GOAL)}"
         )
     print(
