@@ -35,6 +35,7 @@ WORKLOADS = {"vision": "images in: multi-turn image chat and repeated images aga
 
 CHAT_GOAL = 5.0  # HF / plait seconds, turns 2-4
 TTFT_GOAL = 3.0  # first request's time to first token / a repeated one's
+HF_TTFT_REQUESTS = 4  # HF's time to first token, for reference: the median of this many
 
 SIZES = {  # full run, --quick
     "chat": (
@@ -186,11 +187,26 @@ class RepeatRun:
     encoded_distinct: int
 
 
+def ask(i: int) -> str:
+    """The ``i``-th question of the repeat workload, about one image."""
+    return "<|im_start|>" + user_turn(f"Question {i}: {QUESTIONS[i % len(QUESTIONS)]}", True)
+
+
+def hf_time_to_first_token(batch: Batch, side: int, requests: int) -> float:
+    """HF's median seconds to a first token (processor and one generated token) over
+    ``requests`` requests about the repeat workload's image: without a cache, every
+    request costs what the first does."""
+    one = picture(side, 100)
+    seconds = []
+    for i in range(requests):
+        t0 = time.perf_counter()
+        batch([ask(i)], [one], 1)
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds)
+
+
 def repeat(engine: Any, count: EncodeCounter, side: int, size: dict[str, int]) -> RepeatRun:
     n, k = size["new_tokens"], size["requests"]
-
-    def ask(i: int) -> str:
-        return "<|im_start|>" + user_turn(f"Question {i}: {QUESTIONS[i % len(QUESTIONS)]}", True)
 
     one = picture(side, 100)
     before = count()
@@ -249,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
     engine.shutdown()
     del engine
 
-    hf_chat = None
+    hf_chat, hf_ttft = None, None
     if not args.skip_hf:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -258,6 +274,7 @@ def main(args: argparse.Namespace) -> int:
         batch = hf_batch(hf, processor)
         batch([warm_up], [picture(edge, 3)], 2)
         hf_chat = chat(batch, images, chat_size)
+        hf_ttft = hf_time_to_first_token(batch, edge, HF_TTFT_REQUESTS)
 
     print(f"plait bench vision: {describe(args.tiny, edge)}")
     print(f"model dir: {path}")
@@ -266,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
         f"{str(dtype).removeprefix('torch.')}; greedy, ignore_eos"
     )
     _report_chat(chat_size, plait_chat, hf_chat, chat_encoded, len(images))
-    _report_repeat(repeat_size, rep)
+    _report_repeat(repeat_size, rep, hf_ttft)
     print(
         f"peak RSS: plait {plait_rss:.0f} MiB (before HF loads); whole run {peak_rss_mb():.0f} MiB"
     )
@@ -305,7 +322,7 @@ def _report_chat(
     )
 
 
-def _report_repeat(size: dict[str, int], run: RepeatRun) -> None:
+def _report_repeat(size: dict[str, int], run: RepeatRun, hf_ttft: float | None) -> None:
     k = size["requests"]
     print(
         f"\n== repeat: {k} requests about one image, then {k} about {k} images, "
@@ -317,6 +334,11 @@ def _report_repeat(size: dict[str, int], run: RepeatRun) -> None:
         f"time to first token: first {first:.3f} s; repeated image (median of {k - 1}) "
         f"{later:.3f} s; distinct images (median of {k}) {cold:.3f} s"
     )
+    if hf_ttft is not None:
+        print(
+            f"HF time to first token (median of {HF_TTFT_REQUESTS} requests about one image, "
+            f"no cache): {hf_ttft:.3f} s"
+        )
     ratio = first / later
     print(
         f"repeated-image TTFT: {ratio:.2f}x better than the first "

@@ -180,6 +180,7 @@ def test_bench_vision_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert re.search(r"chat images encoded: \d+ for 2 distinct images .* (PASS|MISS)", out)
     ttft = re.search(rf"first {number} s; repeated image \(median of 3\) {number} s; ", out)
     assert all(float(x) > 0 for x in ttft.groups())
+    assert float(re.search(rf"HF time to first token \(median of 4 .*: {number} s", out)[1]) > 0
     assert re.search(rf"repeated-image TTFT: {number}x better .* (PASS|MISS)", out)
     # The repeated image is encoded once; each distinct image once.
     assert "repeat images encoded: 1 for 1 image, 4 for 4 images (goal: once each) PASS" in out
