@@ -262,6 +262,7 @@ def main(args: argparse.Namespace) -> int:
     chat_encoded = count() - before
     rep = repeat(engine, count, edge, repeat_size)
     plait_rss = peak_rss_mb()
+    stats = engine.get_stats()
     engine.shutdown()
     del engine
 
@@ -284,6 +285,12 @@ def main(args: argparse.Namespace) -> int:
     )
     _report_chat(chat_size, plait_chat, hf_chat, chat_encoded, len(images))
     _report_repeat(repeat_size, rep, hf_ttft)
+    if "mm_cache_hits" in stats:
+        print(
+            f"vision-embedding cache (whole plait run): {stats['mm_cache_hits']} hits, "
+            f"{stats['mm_cache_misses']} misses, {stats['mm_cache_entries']} entries, "
+            f"{stats['mm_cache_bytes'] / 2**20:.1f} MiB"
+        )
     print(
         f"peak RSS: plait {plait_rss:.0f} MiB (before HF loads); whole run {peak_rss_mb():.0f} MiB"
     )
