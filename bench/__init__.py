@@ -56,6 +56,9 @@ WORKLOADS: dict[str, Workload] = {
         "plait.bench.kernels", "the fused CPU kernels against the torch ops they replace"
     ),
     "memory": Workload("plait.bench.memory", "resident memory under a steady chat load"),
+    "vision": Workload(
+        "plait.bench.vision", "images in: multi-turn image chat and repeated images against HF"
+    ),
 }
 
 

@@ -5,6 +5,7 @@ flags and ``main``, and the helpers they share."""
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,7 @@ EVERY_WORKLOAD = [
     "server",
     "kernels",
     "memory",
+    "vision",
 ]
 
 
@@ -94,8 +96,12 @@ def test_importing_a_benchmark_imports_neither_torch_nor_the_engine():
         (["multi-turn", "--size", "sessions=1,turns=8"], {"size": "sessions=1,turns=8"}),
         (["engine", "--quick", "--skip-hf"], {"quick": True, "skip_hf": True, "model": "smollm2"}),
         (["kernels", "--threads", "2"], {"threads": 2}),
+        (
+            ["vision", "--tiny", "--longest-edge", "128", "--cache-dir", "x"],
+            {"tiny": True, "longest_edge": 128, "cache_dir": "x", "skip_hf": False},
+        ),
     ],
-    ids=["grammar", "prefix", "multi-turn", "engine", "kernels"],
+    ids=["grammar", "prefix", "multi-turn", "engine", "kernels", "vision"],
 )
 def test_the_command_lines_of_each_workload_parse(argv, expected):
     args = cli.build_parser().parse_args(["bench", *argv])
@@ -144,3 +150,43 @@ def test_matmul_params_counts_every_linear_weight_and_bias_but_not_the_embedding
         torch.nn.Linear(16, 4, bias=False),  # 64
     )
     assert matmul_params(model) == 8 * 16 + 16 + 16 * 4
+
+
+def test_bench_vision_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """``plait bench vision --tiny --quick`` builds its random model, runs both workloads
+    on plait and the chat on HF, and prints every figure and a verdict per goal."""
+    out = subprocess.run(
+        [sys.executable, "-m", "plait", "bench", "vision", "--tiny", "--quick"]
+        + ["--threads", "1", "--cache-dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    assert "random weights, a tiny Idefics3" in out
+    assert "torch threads: 1; device: cpu; dtype: float32" in out
+    number = r"(\d+\.\d+)"
+    turns = re.findall(rf"^ +(\d) +{number} +(\d+) +{number} +{number}x$", out, re.M)
+    assert [int(t[0]) for t in turns] == [1, 2, 3]  # --quick: 4 sessions x 3 turns
+    cached = [int(t[2]) for t in turns]  # the conversation so far comes from the cache
+    assert cached[0] < cached[1] < cached[2]
+    later = re.search(rf"turns 2-3: plait {number} s, HF {number} s: {number}x .* (PASS|MISS)", out)
+    plait_s, hf_s, ratio = map(float, later.groups()[:3])
+    half = 0.0005  # the seconds are printed to 3 places, the ratio to 2
+    assert (
+        (hf_s - half) / (plait_s + half) - 0.005
+        <= ratio
+        <= (hf_s + half) / (plait_s - half) + 0.005
+    )
+    assert re.search(r"chat images encoded: \d+ for 2 distinct images .* (PASS|MISS)", out)
+    ttft = re.search(rf"first {number} s; repeated image \(median of 3\) {number} s; ", out)
+    assert all(float(x) > 0 for x in ttft.groups())
+    assert float(re.search(rf"HF time to first token \(median of 4 .*: {number} s", out)[1]) > 0
+    assert re.search(rf"repeated-image TTFT: {number}x better .* (PASS|MISS)", out)
+    # The repeated image is encoded once; each distinct image once.
+    assert "repeat images encoded: 1 for 1 image, 4 for 4 images (goal: once each) PASS" in out
+    assert "chat images encoded: 2 for 2 distinct images (goal: once each) PASS" in out
+    cache = re.search(r"vision-embedding cache \(whole plait run\): (\d+) hits, (\d+) misses", out)
+    assert int(cache[2]) == 1 + 2 + 1 + 4  # warm-up, chat, repeat: each distinct image once
+    peak = re.search(r"peak RSS: plait (\d+) MiB \(before HF loads\); whole run (\d+) MiB", out)
+    assert 0 < int(peak.group(1)) <= int(peak.group(2))
