@@ -401,3 +401,82 @@ def make_tiny_qwen2_vl(path: str | os.PathLike, version: str = "2", *, seed: int
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
     return str(path)
+
+
+# ---- a tiny text-to-image diffusion pipeline ------------------------------------------------
+
+
+def make_clip_tokenizer(max_length: int = 77) -> transformers.CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols, each alone or ending a word
+    (no merges): one token per character, so a prompt's token count is easy to reason about."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
+    return transformers.CLIPTokenizer(
+        vocab={s: i for i, s in enumerate(symbols)}, merges=[], model_max_length=max_length
+    )
+
+
+def make_tiny_sd(path: str | os.PathLike, seed: int = 0) -> str:
+    """Save a random Stable-Diffusion-1.x-shaped pipeline into ``path``: UNet (2 blocks,
+    cross-attention 32), VAE (3 blocks: latents 4x smaller), a 2-layer CLIP text encoder and
+    the byte-symbol CLIP tokenizer, PNDM scheduler. Its default image is 32x32 and a 4-step
+    image takes milliseconds on a CPU."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+
+    tokenizer = make_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+    )
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = transformers.CLIPTextModel(text_config)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,319 @@
+"""The diffusers backend against plain diffusers calls on the same tiny random pipeline."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny_sd
+
+from plait.multimodal.diffusers_backend import SCHEDULERS, DiffusersGenerator
+from plait.multimodal.generation import GenerationCancelled, ImageGenerationError, ImageRequest
+
+STEPS = 4
+SCHEDULER_CLASSES = {
+    "euler": (diffusers.EulerDiscreteScheduler, {}),
+    "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
+    "dpm++_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "ddim": (diffusers.DDIMScheduler, {}),
+    "lcm": (diffusers.LCMScheduler, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> str:
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def generator(sd_dir):
+    with DiffusersGenerator(sd_dir, device="cpu") as gen:
+        yield gen
+
+
+def plain_call(path, prompt, *, n=1, seed=0, steps=STEPS, size=(32, 32), guidance=7.5,
+               negative_prompt=None, scheduler=None, output_type="np"):  # fmt: skip
+    """What the backend promises to equal: a plain pipeline call, CPU generators s + i."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    if scheduler is not None:
+        cls, options = SCHEDULER_CLASSES[scheduler]
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt=[prompt] * n,
+        negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
+        width=size[0],
+        height=size[1],
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+        output_type=output_type,
+    ).images
+
+
+def request(prompt="a red fox in the snow", **kwargs) -> ImageRequest:
+    kwargs.setdefault("steps", STEPS)
+    kwargs.setdefault("seed", 0)
+    return ImageRequest(prompt, **kwargs)
+
+
+def assert_same(a, b):
+    assert torch.equal(torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b)))
+
+
+def test_equals_a_plain_pipeline_call_bit_for_bit(generator, sd_dir):
+    [ours] = generator.generate_arrays([request(n=2, seed=7, negative_prompt="blurry")])
+    theirs = plain_call(sd_dir, "a red fox in the snow", n=2, seed=7, negative_prompt="blurry")
+    assert ours.shape == (2, 32, 32, 3) and ours.dtype == np.float32
+    assert_same(ours, theirs)
+    assert not np.array_equal(ours[0], ours[1])  # seeds 7 and 8
+
+
+def test_pil_images_equal_the_pipelines_pil_output(generator, sd_dir):
+    [images] = generator.generate([request(seed=3, size=(48, 32))])
+    [theirs] = plain_call(sd_dir, "a red fox in the snow", seed=3, size=(48, 32), output_type="pil")
+    assert len(images) == 1 and images[0].size == (48, 32) and images[0].mode == "RGB"
+    assert_same(np.asarray(images[0]), np.asarray(theirs))
+
+
+def test_defaults_come_from_the_pipeline(generator):
+    facts = generator.facts
+    assert facts.class_name == "StableDiffusionPipeline"
+    assert facts.default_size == (32, 32)  # UNet sample 8 x VAE scale 4
+    assert facts.multiple == 4
+    assert (facts.default_steps, facts.default_guidance) == (50, 7.5)
+    [images] = generator.generate([ImageRequest("a fox", seed=1, steps=2)])
+    assert images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULER_CLASSES))
+def test_each_scheduler_equals_the_pipeline_with_that_scheduler(sd_dir, name):
+    assert name in SCHEDULERS
+    with DiffusersGenerator(sd_dir, device="cpu", scheduler=name) as gen:
+        assert type(gen.pipeline.scheduler) is SCHEDULER_CLASSES[name][0]
+        [ours] = gen.generate_arrays([request(n=2, seed=11)])
+    assert_same(ours, plain_call(sd_dir, "a red fox in the snow", n=2, seed=11, scheduler=name))
+
+
+def test_schedulers_give_different_images(sd_dir):
+    results = {}
+    for name in ("euler", "ddim"):
+        with DiffusersGenerator(sd_dir, device="cpu", scheduler=name) as gen:
+            results[name] = gen.generate_arrays([request(seed=5)])[0]
+    assert not np.array_equal(results["euler"], results["ddim"])
+
+
+def test_unknown_scheduler_names_the_field_and_the_known_names(sd_dir):
+    with pytest.raises(ImageGenerationError) as info:
+        DiffusersGenerator(sd_dir, device="cpu", scheduler="heun++")
+    assert info.value.field == "scheduler" and info.value.value == "heun++"
+    for name in SCHEDULERS:
+        assert name in str(info.value)
+
+
+def test_flow_match_is_refused_on_a_noise_prediction_pipeline(sd_dir):
+    with pytest.raises(ImageGenerationError, match="flow") as info:
+        DiffusersGenerator(sd_dir, device="cpu", scheduler="flow_match")
+    assert info.value.field == "scheduler" and "euler" in str(info.value)
+
+
+def test_concurrent_compatible_requests_share_one_pipeline_call(sd_dir):
+    asks = [
+        request("a red fox", seed=1),
+        request("a blue whale", seed=2, n=2),
+        request("a green tree", seed=3),
+    ]
+    alone = [plain_call(sd_dir, r.prompt, n=r.n, seed=r.seed) for r in asks]
+    results: dict[int, np.ndarray] = {}
+    with DiffusersGenerator(sd_dir, device="cpu", batch_wait_s=0.5) as gen:
+        start = threading.Barrier(len(asks))
+
+        def ask(i):
+            start.wait()
+            [results[i]] = gen.generate_arrays([asks[i]])
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert gen.counters == {"images_generated": 4, "batches": 1, "offloads": 0, "reloads": 0}
+    for i, want in enumerate(alone):
+        assert_same(results[i], want)
+
+
+def test_incompatible_requests_run_in_separate_calls(sd_dir):
+    asks = [request(seed=1), request(seed=1, steps=STEPS + 1), request(seed=1, negative_prompt="x")]
+    with DiffusersGenerator(sd_dir, device="cpu", batch_wait_s=0.2) as gen:
+        ours = gen.generate_arrays(asks)
+        assert gen.counters["batches"] == 3
+    assert_same(ours[1], plain_call(sd_dir, asks[1].prompt, seed=1, steps=STEPS + 1))
+    assert_same(ours[2], plain_call(sd_dir, asks[2].prompt, seed=1, negative_prompt="x"))
+    assert not np.array_equal(ours[0], ours[1])
+
+
+def test_max_batch_images_splits_a_batch(sd_dir):
+    asks = [request(seed=s, n=2) for s in (1, 2, 3)]
+    with DiffusersGenerator(sd_dir, device="cpu", max_batch_images=4) as gen:
+        ours = gen.generate_arrays(asks)
+        assert gen.counters["batches"] == 2 and gen.counters["images_generated"] == 6
+    assert_same(ours[2], plain_call(sd_dir, asks[2].prompt, n=2, seed=3))
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_idle_offload_releases_the_weights_and_reloads_them(sd_dir):
+    with DiffusersGenerator(sd_dir, device="cpu", idle_offload_s=0.3) as gen:
+        [before] = gen.generate_arrays([request(seed=9)])
+        wait_for(lambda: gen.offloaded)
+        assert gen.pipeline is None  # on a CPU the weights are released
+        assert gen.counters["offloads"] == 1 and gen.counters["reloads"] == 0
+        [after] = gen.generate_arrays([request(seed=9)])
+        assert gen.counters["reloads"] == 1 and gen.pipeline is not None
+        assert_same(before, after)
+        wait_for(lambda: gen.counters["offloads"] == 2)
+
+
+def test_no_idle_offload_by_default(generator):
+    time.sleep(0.1)
+    assert not generator.offloaded and generator.counters["offloads"] == 0
+
+
+def count_denoiser_calls(gen, on_call=None) -> list[int]:
+    calls = [0]
+
+    def hook(module, args, output):
+        calls[0] += 1
+        if on_call:
+            on_call(calls[0])
+
+    gen.pipeline.unet.register_forward_hook(hook)
+    return calls
+
+
+def test_cancel_stops_a_request_between_steps(sd_dir):
+    with DiffusersGenerator(sd_dir, device="cpu") as gen:
+        ask = request(steps=50)
+        calls = count_denoiser_calls(gen, on_call=lambda n: ask.cancel.set())
+        with pytest.raises(GenerationCancelled):
+            gen.generate_arrays([ask])
+        assert calls[0] == 1  # stopped after the first step
+        assert gen.counters["batches"] == 0 and gen.counters["images_generated"] == 0
+        [after] = gen.generate_arrays([request(seed=4)])
+    assert_same(after, plain_call(sd_dir, "a red fox in the snow", seed=4))
+
+
+def test_a_request_cancelled_before_it_runs_never_runs(generator):
+    ask = request()
+    ask.cancel.set()
+    done = generator.counters["batches"]
+    with pytest.raises(GenerationCancelled):
+        generator.generate([ask])
+    assert generator.counters["batches"] == done
+
+
+def test_cancelling_one_request_of_a_batch_keeps_the_others(sd_dir):
+    keep, drop = request("a red fox", seed=1, steps=6), request("a blue whale", seed=2, steps=6)
+    results, errors = {}, {}
+    with DiffusersGenerator(sd_dir, device="cpu", batch_wait_s=0.3) as gen:
+        count_denoiser_calls(gen, on_call=lambda n: drop.cancel.set() if n == 2 else None)
+
+        def ask(name, r):
+            try:
+                results[name] = gen.generate_arrays([r])[0]
+            except GenerationCancelled as e:
+                errors[name] = e
+
+        threads = [threading.Thread(target=ask, args=x) for x in (("keep", keep), ("drop", drop))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert gen.counters["batches"] == 1
+    assert set(results) == {"keep"} and set(errors) == {"drop"}
+    assert_same(results["keep"], plain_call(sd_dir, "a red fox", seed=1, steps=6))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"size": (34, 32)}, "size"),
+        ({"size": (32, 30)}, "size"),
+        ({"steps": 0}, "steps"),
+        ({"steps": -3}, "steps"),
+        ({"steps": 100_000}, "steps"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
+        ({"guidance": -1.0}, "guidance"),
+    ],
+)
+def test_bad_requests_name_the_field_and_the_generator_goes_on(generator, sd_dir, kwargs, field):
+    with pytest.raises(ImageGenerationError) as info:
+        generator.generate([request(**kwargs)])
+    assert info.value.field == field
+    [ours] = generator.generate_arrays([request(seed=2)])
+    assert_same(ours, plain_call(sd_dir, "a red fox in the snow", seed=2))
+
+
+def test_size_error_says_the_multiple(generator):
+    with pytest.raises(ImageGenerationError, match="multiples of 4"):
+        generator.generate([request(size=(30, 32))])
+
+
+def test_one_bad_request_queues_nothing(generator):
+    done = generator.counters["batches"]
+    with pytest.raises(ImageGenerationError):
+        generator.generate([request(), request(size=(33, 33))])
+    assert generator.counters["batches"] == done
+
+
+def test_lcm_steps_over_its_schedule_are_refused(sd_dir):
+    with DiffusersGenerator(sd_dir, device="cpu", scheduler="lcm") as gen:
+        with pytest.raises(ImageGenerationError, match="LCM") as info:
+            gen.generate([request(steps=60)])
+        assert info.value.field == "steps"
+        assert len(gen.generate([request(steps=2)])[0]) == 1
+
+
+def test_a_long_prompt_is_truncated_with_a_warning(generator, sd_dir, caplog):
+    prompt = "a very long description of a fox " * 10  # ~340 characters: one token each
+    with caplog.at_level(logging.WARNING, logger="plait.multimodal.diffusers_backend"):
+        [ours] = generator.generate_arrays([request(prompt, seed=6)])
+    [record] = [r for r in caplog.records if "the rest is dropped" in r.getMessage()]
+    assert "prompt has 342 tokens; the text encoder reads 77" in record.getMessage()
+    assert_same(ours, plain_call(sd_dir, prompt, seed=6))
+    # only the first 77 tokens count: a different tail gives the same image
+    [same] = generator.generate_arrays([request(prompt + " and a whale", seed=6)])
+    assert_same(ours, same)
+
+
+def test_a_closed_generator_refuses_requests(sd_dir):
+    gen = DiffusersGenerator(sd_dir, device="cpu")
+    gen.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        gen.generate([request()])
+
+
+def test_not_a_pipeline_directory(tmp_path):
+    with pytest.raises(ImageGenerationError) as info:
+        DiffusersGenerator(str(tmp_path), device="cpu")
+    assert info.value.field == "path"
+
+
+def test_cpu_offload_options_are_ignored_on_a_cpu(sd_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="plait.multimodal.diffusers_backend"):
+        gen = DiffusersGenerator(sd_dir, device="cpu", model_cpu_offload=True)
+    with gen:
+        assert not gen.model_cpu_offload
+        assert "ignored" in caplog.text
+        assert len(gen.generate([request()])[0]) == 1
