@@ -57,6 +57,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "flow_match": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 FLOW_SCHEDULERS = frozenset({"flow_match"})
+MAX_SEED = 2**63  # image i of a request seeds s + i: a torch.Generator takes < 2**64
 
 
 def is_flow_scheduler(scheduler) -> bool:
@@ -323,7 +324,11 @@ class DiffusersGenerator:
             )
         for field_name in ("prompt", "negative_prompt"):
             self._warn_if_truncated(field_name, getattr(request, field_name))
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        if request.seed is not None and not (
+            isinstance(request.seed, int) and 0 <= request.seed < MAX_SEED
+        ):
+            raise ImageGenerationError("seed", request.seed, f"must be 0 to {MAX_SEED - 1}")
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
         key = (width, height, steps, guidance, request.negative_prompt is not None)
         return _Job(request, key, seed)
 
@@ -348,10 +353,13 @@ class DiffusersGenerator:
 
     def _load(self) -> None:
         from diffusers import AutoPipelineForText2Image
+        from diffusers.utils import deprecation_utils
 
+        # diffusers renamed torch_dtype to dtype (and warns about the old name)
+        dtype_arg = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
         try:
             pipe = AutoPipelineForText2Image.from_pretrained(
-                self.path, torch_dtype=self.dtype, local_files_only=True
+                self.path, local_files_only=True, **{dtype_arg: self.dtype}
             )
         except (OSError, ValueError) as e:
             raise ImageGenerationError(

@@ -466,7 +466,11 @@ def make_tiny_sd(path: str | os.PathLike, seed: int = 0) -> str:
     )
     text_encoder = transformers.CLIPTextModel(text_config)
     scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         vae=vae.eval(),
