@@ -35,12 +35,16 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from plait.multimodal.generation import GenerationCancelled, ImageGenerationError, ImageRequest
 from plait.runtime.device import resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +245,7 @@ class DiffusersGenerator:
 
     # ---- public --------------------------------------------------------------------------
 
-    def generate(self, requests: list[ImageRequest]) -> list[list]:
+    def generate(self, requests: list[ImageRequest]) -> list[list[Image.Image]]:
         """``request.n`` PIL images per request, in order (thread-safe)."""
         from diffusers.image_processor import VaeImageProcessor
 

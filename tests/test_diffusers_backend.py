@@ -13,7 +13,12 @@ import pytest
 import torch
 from tiny_models import make_tiny_sd
 
-from plait.multimodal.diffusers_backend import SCHEDULERS, DiffusersGenerator
+from plait.multimodal.diffusers_backend import (
+    SCHEDULERS,
+    DiffusersGenerator,
+    is_flow_scheduler,
+    make_scheduler,
+)
 from plait.multimodal.generation import GenerationCancelled, ImageGenerationError, ImageRequest
 
 STEPS = 4
@@ -359,3 +364,20 @@ def test_cpu_offload_options_are_ignored_on_a_cpu(sd_dir, caplog):
         assert not gen.model_cpu_offload
         assert "ignored" in caplog.text
         assert len(gen.generate([request()])[0]) == 1
+
+
+def test_flow_matching_pipelines_take_only_flow_schedulers():
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert is_flow_scheduler(flow)
+    kept = make_scheduler("flow_match", flow)
+    assert type(kept) is diffusers.FlowMatchEulerDiscreteScheduler and kept.config.shift == 3.0
+    assert make_scheduler(None, flow) is flow and make_scheduler("default", flow) is flow
+    with pytest.raises(ImageGenerationError, match="flow-matching pipeline") as info:
+        make_scheduler("euler", flow)
+    assert info.value.field == "scheduler" and "flow_match" in str(info.value)
+    assert not is_flow_scheduler(diffusers.DDIMScheduler())
+
+
+def test_without_a_seed_each_call_draws_a_new_one(generator):
+    first, second = generator.generate_arrays([request(seed=None), request(seed=None)])
+    assert not np.array_equal(first, second)
