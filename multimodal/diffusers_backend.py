@@ -11,13 +11,18 @@ with the same settings (size, steps, guidance, whether a negative prompt is give
 one pipeline call, up to ``max_batch_images`` images.
 
 Seeds. Image ``i`` of a request with seed ``s`` comes from a CPU
-``torch.Generator().manual_seed(s + i)``, so a request's images equal this plain call,
-whatever it was batched with (``output_type="pil"`` gives the same pictures)::
+``torch.Generator().manual_seed(s + i)``. A request run alone equals, bit for bit, this
+plain call (``output_type="pil"`` gives the same pictures)::
 
     pipe(prompt=[p] * n, negative_prompt=[q] * n or None, num_images_per_prompt=1,
          width=w, height=h, num_inference_steps=steps, guidance_scale=g,
          generator=[torch.Generator().manual_seed(s + i) for i in range(n)],
          output_type="np")
+
+A batch equals the same call over the batch's prompts and generators, concatenated in
+queue order, so each request gets the same noise as alone; its images differ from the
+unbatched ones only by the rounding of kernels that depend on the batch size (oneDNN
+convolutions, GroupNorm: ~1e-6 in [0, 1]).
 
 Memory. After ``idle_offload_s`` seconds without requests the weights leave the
 accelerator for host memory (on a CPU they are released, and read again from the
