@@ -11,7 +11,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_sd
+from tiny_models import make_tiny_sd, make_tiny_sd3
 
 from plait.multimodal.diffusers_backend import (
     SCHEDULERS,
@@ -381,3 +381,40 @@ def test_flow_matching_pipelines_take_only_flow_schedulers():
 def test_without_a_seed_each_call_draws_a_new_one(generator):
     first, second = generator.generate_arrays([request(seed=None), request(seed=None)])
     assert not np.array_equal(first, second)
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory) -> str:
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"), seed=0)
+
+
+def test_a_flow_matching_transformer_pipeline(sd3_dir):
+    with DiffusersGenerator(sd3_dir, device="cpu", scheduler="flow_match") as gen:
+        facts = gen.facts
+        assert facts.class_name == "StableDiffusion3Pipeline"
+        assert (facts.default_size, facts.multiple) == ((32, 32), 8)  # VAE 4 x patch 2
+        [ours] = gen.generate_arrays([request(n=2, seed=5, size=(48, 32), negative_prompt="dull")])
+        with pytest.raises(ImageGenerationError, match="multiples of 8") as info:
+            gen.generate([request(size=(36, 32))])
+        assert info.value.field == "size"
+    pipe = diffusers.AutoPipelineForText2Image.from_pretrained(sd3_dir, local_files_only=True)
+    assert type(pipe) is diffusers.StableDiffusion3Pipeline
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        prompt=["a red fox in the snow"] * 2,
+        negative_prompt=["dull"] * 2,
+        width=48,
+        height=32,
+        num_inference_steps=STEPS,
+        generator=[torch.Generator().manual_seed(5 + i) for i in range(2)],
+        output_type="np",
+    ).images
+    assert ours.shape == (2, 32, 48, 3)
+    assert_same(ours, theirs)
+
+
+def test_a_noise_prediction_scheduler_is_refused_on_a_flow_pipeline(sd3_dir):
+    with pytest.raises(ImageGenerationError, match="flow-matching pipeline") as info:
+        DiffusersGenerator(sd3_dir, device="cpu", scheduler="euler")
+    assert info.value.field == "scheduler"

@@ -484,3 +484,89 @@ def make_tiny_sd(path: str | os.PathLike, seed: int = 0) -> str:
     )
     pipe.save_pretrained(path)
     return str(path)
+
+
+def make_tiny_sd3(path: str | os.PathLike, seed: int = 0) -> str:
+    """Save a random Stable-Diffusion-3-shaped pipeline into ``path``: a flow-matching
+    MMDiT (1 layer, patch 2), the tiny VAE (latents 4x smaller), two CLIP text encoders with
+    projections and a 1-layer T5 encoder with a letter tokenizer. Its default image is
+    32x32; sizes must be multiples of 8 (VAE 4 x patch 2)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    clip_tokenizer = make_clip_tokenizer()
+    t5_tokenizer = transformers.T5Tokenizer(
+        vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+        + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"],
+        extra_ids=0,
+        model_max_length=32,
+    )
+    torch.manual_seed(seed)
+
+    def clip_encoder():
+        config = transformers.CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+        )
+        return transformers.CLIPTextModelWithProjection(config).eval()
+
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,  # T5's width; the two CLIPs' 32 + 32 are padded to it
+        pooled_projection_dim=64,  # the two CLIP projections, 32 + 32
+    )
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    t5_config = transformers.T5Config(
+        vocab_size=len(t5_tokenizer),
+        d_model=64,
+        d_ff=64,
+        d_kv=16,
+        num_layers=1,
+        num_heads=4,
+        pad_token_id=t5_tokenizer.pad_token_id,
+        eos_token_id=t5_tokenizer.eos_token_id,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae.eval(),
+        text_encoder=clip_encoder(),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=clip_encoder(),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=transformers.T5EncoderModel(t5_config).eval(),
+        tokenizer_3=t5_tokenizer,
+    )
+    pipe.save_pretrained(path)
+    return str(path)
