@@ -36,6 +36,7 @@ import copy
 import gc
 import inspect
 import logging
+import math
 import secrets
 import threading
 import time
@@ -127,6 +128,8 @@ class PipelineFacts:
             patch = 2
         else:  # a UNet takes any latent size; a DiT its patch size
             patch = int(config.get("patch_size", 1) or 1) if hasattr(pipe, "transformer") else 1
+        # the SD, SDXL and PixArt pipelines also want multiples of 8, whatever their VAE
+        multiple = math.lcm(8, scale * patch)
         sample = getattr(pipe, "default_sample_size", None) or config.get("sample_size", 64)
         side = (sample[0] if isinstance(sample, (list, tuple)) else sample) * scale
         steps = (
@@ -142,7 +145,7 @@ class PipelineFacts:
         return cls(
             class_name=type(pipe).__name__,
             default_size=(side, side),
-            multiple=scale * patch,
+            multiple=multiple,
             default_steps=int(steps),
             default_guidance=float(guidance or 0.0),
             params=frozenset(signature),

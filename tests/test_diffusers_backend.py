@@ -126,7 +126,7 @@ def test_defaults_come_from_the_pipeline(generator):
     facts = generator.facts
     assert facts.class_name == "StableDiffusionPipeline"
     assert facts.default_size == (32, 32)  # UNet sample 8 x VAE scale 4
-    assert facts.multiple == 4
+    assert facts.multiple == 8  # the pipeline's own rule, above the VAE's 4
     assert (facts.default_steps, facts.default_guidance) == (50, 7.5)
     [images] = generator.generate([ImageRequest("a fox", seed=1, steps=2)])
     assert images[0].size == (32, 32)
@@ -313,8 +313,8 @@ def test_bad_requests_name_the_field_and_the_generator_goes_on(generator, sd_dir
 
 
 def test_size_error_says_the_multiple(generator):
-    with pytest.raises(ImageGenerationError, match="multiples of 4"):
-        generator.generate([request(size=(30, 32))])
+    with pytest.raises(ImageGenerationError, match="multiples of 8"):
+        generator.generate([request(size=(36, 32))])
 
 
 def test_one_bad_request_queues_nothing(generator):
