@@ -418,3 +418,21 @@ def test_a_noise_prediction_scheduler_is_refused_on_a_flow_pipeline(sd3_dir):
     with pytest.raises(ImageGenerationError, match="flow-matching pipeline") as info:
         DiffusersGenerator(sd3_dir, device="cpu", scheduler="euler")
     assert info.value.field == "scheduler"
+
+
+def test_a_failing_pipeline_call_fails_its_batch_and_the_generator_goes_on(sd_dir):
+    with DiffusersGenerator(sd_dir, device="cpu") as gen:
+        failures = [1]
+
+        def fail_once(module, args):
+            if failures[0]:
+                failures[0] -= 1
+                raise RuntimeError("out of memory (simulated)")
+
+        gen.pipeline.unet.register_forward_pre_hook(fail_once)
+        with pytest.raises(RuntimeError, match="simulated"):
+            gen.generate([request(seed=4), request(seed=5)])
+        assert gen.counters["batches"] == 0
+        [after] = gen.generate_arrays([request(seed=4)])
+        assert gen.counters["batches"] == 1
+    assert_same(after, plain_call(sd_dir, "a red fox in the snow", seed=4))
