@@ -129,6 +129,7 @@ class StreamExecutor:
         self.error: BaseException | None = None
         self.finished = False
         self.interrupted = False  # set by interrupt(): a streaming gen stops at its next piece
+        self.drawing: Any = None  # the ImageRequest being rendered (interrupt cancels it)
         # (variable, meta_info) of every streamed piece, for text_async_iter's meta data
         self.stream_log: list[tuple[str | None, dict[str, Any]]] = []
         self.cond = threading.Condition()  # wakes streaming readers
@@ -166,10 +167,13 @@ class StreamExecutor:
             self._queue.put(None)
 
     def interrupt(self) -> None:
-        """Stop the program: a streaming gen aborts its request at its next piece, and
-        nothing queued after it runs (the reader pressed Ctrl-C)."""
+        """Stop the program: a streaming gen aborts its request at its next piece, an
+        image being drawn is cancelled, and nothing queued after it runs (the reader
+        pressed Ctrl-C)."""
         with self.cond:
             self.interrupted = True
+            if self.drawing is not None:
+                self.drawing.cancel.set()
             self.cond.notify_all()
 
     def get_var(self, name: str) -> Any:
@@ -441,7 +445,14 @@ class StreamExecutor:
                     out["text"],
                     "the model wrote an empty image prompt; give gen_image a prompt",
                 )
-        picture = generator.generate([request.check()])[0][0]
+        with self.cond:
+            if self.interrupted:
+                raise ProgramInterrupted("the program was interrupted")
+            self.drawing = request.check()
+        try:
+            picture = generator.generate([request])[0][0]
+        finally:
+            self.drawing = None
         self._append_image(load_image(picture))
         with self.cond:
             self.meta_info[e.name + "_prompt"] = prompt_meta

@@ -24,7 +24,7 @@ from PIL import Image
 
 import plait as pl
 from plait.drawing import PROMPT_INSTRUCTION, PROMPT_SCHEMA, prompt_request_text
-from plait.multimodal.generation import ImageGenerationError, ImageRequest
+from plait.multimodal.generation import GenerationCancelled, ImageGenerationError, ImageRequest
 from plait.runtime.errors import RequestError
 from plait.runtime.server import ServerConfig, create_app
 
@@ -213,6 +213,34 @@ def test_with_a_prompt_the_image_is_the_pipelines_own(engine, generator, pipelin
     assert same_picture(decoded(turn["content"][0]), state["pic"])
 
 
+def test_size_negative_prompt_and_guidance_reach_the_pipeline(engine, generator, pipeline):
+    import torch
+
+    @pl.function
+    def wide(s):
+        s += pl.user("Draw a wide one.")
+        with s.assistant():
+            s += "Here:" + pl.gen_image(
+                "pic", "a long train", size="48x32", negative_prompt="blur", guidance=3.0, seed=4
+            )
+
+    state = wide.run(backend=engine, generator=generator)
+    expected = pipeline(
+        "a long train",
+        negative_prompt="blur",
+        width=48,
+        height=32,
+        guidance_scale=3.0,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(4),
+    ).images[0]
+    assert state["pic"].size == (48, 32)
+    assert same_picture(state["pic"], expected)
+    content = state.messages()[-1]["content"]
+    assert [p["type"] for p in content] == ["text", "image_url"]
+    assert content[0]["text"] == "Here:"
+
+
 @pl.function
 def chat_then_draw(s):
     s += pl.system("You are a painter who talks about pictures.")
@@ -259,6 +287,14 @@ def test_without_a_prompt_the_model_writes_it_from_the_cached_conversation(
     turn = state.messages()[-1]
     assert turn["role"] == "assistant"
     assert same_picture(decoded(turn["content"][0]), state["pic"])
+
+
+def test_streaming_a_program_that_draws(engine, generator):
+    state = chat_then_draw.run(backend=engine, generator=generator, temperature=0, stream=True)
+    streamed = "".join(state.text_iter())
+    assert streamed == state.text()
+    assert state["pic_prompt"] == state.get_meta_info("pic")["prompt"]
+    assert state["pic"].size == (SIDE, SIDE)
 
 
 @pl.function
@@ -344,6 +380,30 @@ def test_the_call_beats_the_run_which_beats_the_default(engine, pipeline):
     ]
     assert used == ["d", "r", "c"]
     assert [len(g.requests) for g in (default, per_run, per_call)] == [1, 1, 1]
+
+
+class WaitsForCancel:
+    """A generator that draws nothing until its request is cancelled."""
+
+    name = "waits"
+
+    def __init__(self):
+        self.started = threading.Event()
+
+    def generate(self, requests):
+        self.started.set()
+        if requests[0].cancel.wait(30):
+            raise GenerationCancelled("cancelled")
+        return [[Image.new("RGB", (8, 8))]]
+
+
+def test_interrupting_the_program_cancels_the_drawing(engine):
+    waits = WaitsForCancel()
+    state = draw_given.run(backend=engine, generator=waits, stream=True)
+    assert waits.started.wait(30)
+    state.executor.interrupt()
+    with pytest.raises(GenerationCancelled):
+        state.sync()
 
 
 def test_no_generator_is_a_clear_error(engine):
