@@ -8,7 +8,9 @@ start several generations before reading any of them. ``fork`` caches the text
 so far on the backend (a ``max_new_tokens=0`` request), then gives each branch
 its own executor and thread: the branches run concurrently and every one of
 them starts from the cached prefix. An error in the worker is kept and raised
-in the caller at the next read, with the worker's traceback.
+in the caller at the next read, with the worker's traceback. ``gen_image`` has the
+model write its prompt in a side request (drawing.py), has the image generator
+render it, and appends the image to the current turn.
 
 A tracing executor runs synchronously and stops at the first thing that is
 not constant text; the text up to there is the program's cacheable prefix.
