@@ -22,6 +22,7 @@ from plait.api import (
     flush_cache,
     gen,
     gen_float,
+    gen_image,
     gen_int,
     gen_string,
     get_server_info,
@@ -48,6 +49,7 @@ from plait.choices import (
     unconditional_likelihood_normalized,
 )
 from plait.config import GlobalConfig, global_config
+from plait.drawing import get_default_generator, set_default_generator
 from plait.function import Function, function
 from plait.interpreter import ProgramInterrupted
 from plait.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
@@ -81,15 +83,18 @@ __all__ = [
     "function",
     "gen",
     "gen_float",
+    "gen_image",
     "gen_int",
     "gen_string",
     "get_default_backend",
+    "get_default_generator",
     "get_server_info",
     "global_config",
     "greedy_token_selection",
     "image",
     "select",
     "set_default_backend",
+    "set_default_generator",
     "system",
     "system_begin",
     "system_end",

@@ -1,4 +1,5 @@
-"""The primitives a program appends: ``gen``, ``select``, ``image`` and the roles.
+"""The primitives a program appends: ``gen``, ``select``, ``image``, ``gen_image`` and
+the roles.
 
 Names and parameters follow SGLang's frontend, so its programs run unchanged.
 ``gen`` maps ``max_tokens``/``min_tokens`` onto ``max_new_tokens``/
@@ -22,6 +23,7 @@ from plait.ir import (
     Expr,
     ExprList,
     Gen,
+    GenImage,
     Image,
     RoleBegin,
     RoleEnd,
@@ -182,6 +184,62 @@ def image(source: Any) -> Expr:
 
         return Image(load_for_request(source, MediaPolicy()))
     return Image(load_image(source))
+
+
+def gen_image(
+    name: str,
+    prompt: str | None = None,
+    *,
+    size: tuple[int, int] | str | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    negative_prompt: str | None = None,
+    guidance: float | None = None,
+    generator: Any = None,
+    prompt_max_tokens: int = 128,
+) -> Expr:
+    """Draw an image and append it as an image of the current role, so a following
+    ``gen`` on a vision model sees it; ``s[name]`` is the PIL image and
+    ``s[name + "_prompt"]`` the prompt it was drawn from.
+
+    With ``prompt`` the generator renders that text. Without, the model first writes
+    ``{"prompt", "negative_prompt"}`` (JSON, at most ``prompt_max_tokens`` tokens) in
+    a side request on the conversation so far, served from the prefix cache; that
+    request stays out of the program's text (its meta_info is
+    ``s.get_meta_info(name + "_prompt")``). ``negative_prompt`` given here wins over
+    the model's. ``size`` is (width, height) or ``"WxH"``; ``None`` settings are the
+    generator's own. The generator: ``generator`` here, else ``run(...,
+    generator=)``, else ``pl.set_default_generator``. On a text-only model the image
+    is in ``s[name]`` and ``state.messages()`` but not in the prompt text."""
+    from plait.drawing import check_generator
+    from plait.multimodal.generation import ImageRequest, parse_size
+
+    if not isinstance(name, str) or not name:
+        raise RequestError("name", name, "gen_image needs a variable name")
+    if isinstance(size, str):
+        size = parse_size(size)
+    elif size is not None:
+        size = tuple(size)
+    if isinstance(prompt_max_tokens, bool) or not isinstance(prompt_max_tokens, int):
+        raise RequestError("prompt_max_tokens", prompt_max_tokens, "expected an integer")
+    if prompt_max_tokens < 16:
+        raise RequestError(
+            "prompt_max_tokens", prompt_max_tokens, "must be >= 16 (the JSON needs room)"
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError("seed", seed, "expected an integer")
+    request = ImageRequest(
+        prompt="-" if prompt is None else prompt,  # the model's prompt is checked later
+        negative_prompt=negative_prompt,
+        size=size,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+    ).check()
+    request.prompt = prompt
+    if generator is not None:
+        check_generator(generator)
+    return GenImage(name, request, generator, prompt_max_tokens)
 
 
 def _role(role: str, expr: Any) -> Expr:

@@ -19,6 +19,7 @@ from typing import Any
 
 from plait.backend import Backend, as_backend, get_default_backend
 from plait.config import global_config
+from plait.drawing import check_generator
 from plait.interpreter import StreamExecutor
 from plait.ir import Argument
 from plait.runtime.sampling_params import SamplingParams
@@ -112,20 +113,30 @@ class Function:
         seed: int | None = None,
         stream: bool = False,
         backend: Any = None,
+        generator: Any = None,
         **kwargs: Any,
     ) -> ProgramState:
         """Run once; the state is returned when the program is done (at once with
-        ``stream=True``: read it with ``state.text_iter()``)."""
+        ``stream=True``: read it with ``state.text_iter()``). ``generator`` is the image
+        generator of the program's ``gen_image`` calls that name none."""
         sampling = dict(locals())
         defaults = _defaults(sampling)
         arguments = self._arguments(args, kwargs)
-        return run_program(self.func, _backend(backend), arguments, defaults, stream=stream)
+        return run_program(
+            self.func,
+            _backend(backend),
+            arguments,
+            defaults,
+            stream=stream,
+            generator=_generator(generator),
+        )
 
     def run_batch(
         self,
         batch_kwargs: list[dict[str, Any]] | list[tuple],
         *,
         backend: Any = None,
+        generator: Any = None,
         num_threads: int | str = "auto",
         progress_bar: bool = False,
         **sampling: Any,
@@ -133,7 +144,8 @@ class Function:
         """Run once per argument set (dicts, or tuples in parameter order), concurrently.
         A program that fails keeps its error in its state (``state.error()``; reading
         the state raises it); the others are unaffected. ``sampling`` takes the
-        same run-level defaults as ``run`` (``temperature=0``, ``max_new_tokens``...)."""
+        same run-level defaults as ``run`` (``temperature=0``, ``max_new_tokens``...);
+        ``generator`` is the image generator, as in ``run``."""
         unknown = sorted(set(sampling) - set(_RUN_PARAMS))
         if unknown:
             raise TypeError(f"run_batch got unknown options {unknown}")
@@ -145,6 +157,7 @@ class Function:
             for a in batch_kwargs
         ]
         be = _backend(backend)
+        generator = _generator(generator)
         if len(runs) > 1 and global_config.enable_precache_with_tracing:
             self.cache(be)
         if num_threads == "auto":
@@ -153,7 +166,15 @@ class Function:
             raise ValueError(f"num_threads={num_threads!r}: expected 'auto' or an integer >= 1")
         with ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="plait-batch") as pool:
             futures = [
-                pool.submit(run_program, self.func, be, a, defaults, raise_errors=False)
+                pool.submit(
+                    run_program,
+                    self.func,
+                    be,
+                    a,
+                    defaults,
+                    raise_errors=False,
+                    generator=generator,
+                )
                 for a in runs
             ]
             if progress_bar:
@@ -208,6 +229,10 @@ def _backend(backend: Any) -> Backend:
     return as_backend(backend) if backend is not None else get_default_backend()
 
 
+def _generator(generator: Any) -> Any:
+    return check_generator(generator) if generator is not None else None
+
+
 def run_program(
     func: Callable,
     backend: Backend,
@@ -215,8 +240,9 @@ def run_program(
     defaults: dict[str, Any],
     stream: bool = False,
     raise_errors: bool = True,
+    generator: Any = None,
 ) -> ProgramState:
-    executor = StreamExecutor(backend, defaults, stream=stream)
+    executor = StreamExecutor(backend, defaults, stream=stream, generator=generator)
     state = ProgramState(executor)
 
     def body() -> None:

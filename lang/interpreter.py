@@ -8,7 +8,9 @@ start several generations before reading any of them. ``fork`` caches the text
 so far on the backend (a ``max_new_tokens=0`` request), then gives each branch
 its own executor and thread: the branches run concurrently and every one of
 them starts from the cached prefix. An error in the worker is kept and raised
-in the caller at the next read, with the worker's traceback.
+in the caller at the next read, with the worker's traceback. ``gen_image`` has the
+model write its prompt in a side request (drawing.py), has the image generator
+render it, and appends the image to the current turn.
 
 A tracing executor runs synchronously and stops at the first thing that is
 not constant text; the text up to there is the program's cacheable prefix.
@@ -16,6 +18,7 @@ not constant text; the text up to there is the program's cacheable prefix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import random
@@ -26,6 +29,12 @@ from typing import Any
 from plait.backend import Backend, BackendError
 from plait.choices import resolve_method
 from plait.config import global_config
+from plait.drawing import (
+    parse_prompt_answer,
+    prompt_request_params,
+    prompt_request_text,
+    resolve_generator,
+)
 from plait.ir import (
     Argument,
     ConcatForks,
@@ -33,6 +42,7 @@ from plait.ir import (
     ExprList,
     Flush,
     Gen,
+    GenImage,
     Image,
     RoleBegin,
     RoleEnd,
@@ -91,8 +101,10 @@ class StreamExecutor:
         defaults: dict[str, Any],
         stream: bool = False,
         tracing: bool = False,
+        generator: Any = None,
     ):
         self.backend = backend
+        self.generator = generator  # the run's image generator (gen_image), if any
         self.template = backend.chat_template
         self.defaults = defaults  # the run's sampling parameters, under each gen's own
         self.stream = stream
@@ -109,15 +121,17 @@ class StreamExecutor:
         self.image_next = False  # the expression after the one running is an image
         # Every image in the text so far, in order (LoadedImages): each request sends
         # them all, as earlier turns' images stay in the prompt. The current turn's
-        # images are kept with their offsets in the text, for messages().
+        # images are kept with their offsets in the text and the length of the text
+        # written for them, for messages().
         self.images_: list[Any] = []
-        self.cur_images: list[tuple[int, Any]] = []
+        self.cur_images: list[tuple[int, Any, int]] = []
         self.fork_images = 0
         self.scopes: dict[str, int] = {}
         self.fork_start = 0
         self.error: BaseException | None = None
         self.finished = False
         self.interrupted = False  # set by interrupt(): a streaming gen stops at its next piece
+        self.drawing: Any = None  # the ImageRequest being rendered (interrupt cancels it)
         # (variable, meta_info) of every streamed piece, for text_async_iter's meta data
         self.stream_log: list[tuple[str | None, dict[str, Any]]] = []
         self.cond = threading.Condition()  # wakes streaming readers
@@ -130,9 +144,11 @@ class StreamExecutor:
     def submit(self, expr: Any) -> None:
         expr = to_expr(expr)
         for e in _flatten(expr):
-            name = e.name if isinstance(e, (Gen, Select, VarScopeBegin)) else None
+            name = e.name if isinstance(e, (Gen, Select, VarScopeBegin, GenImage)) else None
             if name is not None:
                 self.var_events[name] = threading.Event()
+            if isinstance(e, GenImage):
+                self.var_events[name + "_prompt"] = threading.Event()
         if self.tracing:
             self._execute(expr)
         else:
@@ -153,10 +169,13 @@ class StreamExecutor:
             self._queue.put(None)
 
     def interrupt(self) -> None:
-        """Stop the program: a streaming gen aborts its request at its next piece, and
-        nothing queued after it runs (the reader pressed Ctrl-C)."""
+        """Stop the program: a streaming gen aborts its request at its next piece, an
+        image being drawn is cancelled, and nothing queued after it runs (the reader
+        pressed Ctrl-C)."""
         with self.cond:
             self.interrupted = True
+            if self.drawing is not None:
+                self.drawing.cancel.set()
             self.cond.notify_all()
 
     def get_var(self, name: str) -> Any:
@@ -184,7 +203,9 @@ class StreamExecutor:
         self.sync()
         children = []
         for _ in range(size):
-            child = StreamExecutor(self.backend, self.defaults, self.stream)
+            child = StreamExecutor(
+                self.backend, self.defaults, self.stream, generator=self.generator
+            )
             child.text_ = self.text_
             child.messages_ = [dict(m) for m in self.messages_]
             child.variables = dict(self.variables)
@@ -228,7 +249,7 @@ class StreamExecutor:
         items = list(_flatten(expr))
         for k, e in enumerate(items):
             # A role opened right before an image writes its image-first prefix.
-            self.image_next = k + 1 < len(items) and isinstance(items[k + 1], Image)
+            self.image_next = k + 1 < len(items) and isinstance(items[k + 1], (Image, GenImage))
             handler = getattr(self, "_run_" + type(e).__name__)
             handler(e)
 
@@ -277,12 +298,11 @@ class StreamExecutor:
     def _content_parts(self) -> list[dict[str, Any]]:
         """The current turn as OpenAI content parts: its text and images in order."""
         parts, at = [], self.cur_role_begin
-        token = self.template.image_token
-        for offset, img in self.cur_images:
+        for offset, img, width in self.cur_images:
             if offset > at:
                 parts.append({"type": "text", "text": self.text_[at:offset]})
             parts.append({"type": "image_url", "image_url": {"url": img.to_data_url()}})
-            at = offset + len(token)
+            at = offset + width
         if at < len(self.text_):
             parts.append({"type": "text", "text": self.text_[at:]})
         return parts
@@ -296,6 +316,16 @@ class StreamExecutor:
                 self.backend.get_model_name(),
                 "this model is text-only; images need a vision-language model",
             )
+        self._append_image(e.source)
+
+    def _append_image(self, image: Any) -> None:
+        """Append a loaded image to the current turn: its token in the text and the
+        image in every later request. On a text-only model the image is kept for
+        messages() only (there is no token the model could read)."""
+        if not self.backend.supports_images:
+            if self.cur_role is not None:
+                self.cur_images.append((len(self.text_), image, 0))
+            return
         t = self.template
         opening = t.image_first_prefix.get(self.cur_role or "")
         at_start = len(self.text_) == self.cur_role_begin
@@ -307,9 +337,9 @@ class StreamExecutor:
                 cut = len(self.text_) - len(self.cur_role_prefix)
                 self.text_ = self.text_[:cut] + opening
                 self.cur_role_begin, self.cur_role_prefix = len(self.text_), opening
-        self.images_.append(e.source)
+        self.images_.append(image)
         if self.cur_role is not None:
-            self.cur_images.append((len(self.text_), e.source))
+            self.cur_images.append((len(self.text_), image, len(t.image_token)))
         self._fill(t.image_token)
 
     def _images(self, batch: int | None = None) -> dict[str, Any]:
@@ -388,6 +418,57 @@ class StreamExecutor:
             self.meta_info[e.name] = meta
             self.gens[e.name] = e
             self.set_var(e.name, value)
+
+    # ---- gen_image ---------------------------------------------------------------------
+
+    def _run_GenImage(self, e: GenImage) -> None:
+        if self.tracing:
+            raise StopTracing("gen_image")
+        from plait.multimodal.generation import ImageGenerationError
+        from plait.multimodal.image import load_image
+
+        generator = resolve_generator(e.generator, self.generator)
+        request = dataclasses.replace(e.request, cancel=threading.Event())
+        prompt_meta = None
+        if request.prompt is None:
+            out = self.backend.generate(
+                prompt_request_text(self.text_, self.cur_role, self.template),
+                prompt_request_params(self.defaults, e.prompt_max_tokens),
+                **self._images(),
+            )
+            _check_finish(out["meta_info"])
+            prompt_meta = out["meta_info"]
+            request.prompt, negative = parse_prompt_answer(out["text"])
+            if request.negative_prompt is None:
+                request.negative_prompt = negative
+            if not request.prompt:
+                raise ImageGenerationError(
+                    "prompt",
+                    out["text"],
+                    "the model wrote an empty image prompt; give gen_image a prompt",
+                )
+        with self.cond:
+            if self.interrupted:
+                raise ProgramInterrupted("the program was interrupted")
+            self.drawing = request.check()
+        try:
+            picture = generator.generate([request])[0][0]
+        finally:
+            self.drawing = None
+        self._append_image(load_image(picture))
+        with self.cond:
+            self.meta_info[e.name + "_prompt"] = prompt_meta
+            self.meta_info[e.name] = {
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "size": request.size,
+                "steps": request.steps,
+                "guidance": request.guidance,
+                "seed": request.seed,
+                "generator": getattr(generator, "name", type(generator).__name__),
+            }
+        self.set_var(e.name + "_prompt", request.prompt)
+        self.set_var(e.name, picture)
 
     # ---- select ------------------------------------------------------------------------
 

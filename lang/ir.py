@@ -94,6 +94,18 @@ class Image(Expr):
 
 
 @dataclass(eq=False)
+class GenImage(Expr):
+    """Draw an image into variable ``name`` and append it as an image of the current
+    role. ``request`` is the ImageRequest (plait.multimodal.generation) to render;
+    its prompt is ``None`` when the model writes it (see drawing.py)."""
+
+    name: str
+    request: Any
+    generator: Any = None
+    prompt_max_tokens: int = 128
+
+
+@dataclass(eq=False)
 class RoleBegin(Expr):
     role: str
 
