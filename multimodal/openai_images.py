@@ -190,7 +190,7 @@ class OpenAIImagesGenerator:
             return ImageBackendError(self.url, f"HTTP {reply.status}: {message}")
         field = {v: k for k, v in WIRE_NAMES.items()}.get(param, param)
         value = getattr(request, field, None)
-        return ImageGenerationError(field, value, f"refused by {self.url}: {message}")
+        return ImageGenerationError(field, value, f"the image backend refused it: {message}")
 
     # ---- the HTTP call -------------------------------------------------------------------
 

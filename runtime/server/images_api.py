@@ -130,8 +130,13 @@ def generator_from_config(config: ServerConfig) -> ImageGenerator | None:
             timeout_s=config.image_backend_timeout_s,
         )
     if config.image_model is not None:
-        from plait.multimodal.diffusers_backend import DiffusersGenerator
-
+        try:
+            from plait.multimodal.diffusers_backend import DiffusersGenerator
+        except ImportError as e:
+            raise RuntimeError(
+                f"--image-model {config.image_model}: the diffusers backend cannot be loaded "
+                f"({e}); install it with: pip install 'plait[diffusion]'"
+            ) from e
         return DiffusersGenerator(str(pathlib.Path(config.image_model).expanduser()))
     return None
 
