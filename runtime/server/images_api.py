@@ -25,10 +25,11 @@ import io
 import logging
 import pathlib
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, StrictInt
+from fastapi import APIRouter, Body, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from plait.multimodal.generation import (
     GenerationCancelled,
@@ -141,12 +142,29 @@ def generator_from_config(config: ServerConfig) -> ImageGenerator | None:
     return None
 
 
-@router.post("/v1/images/generations")
-async def create_images(body: ImageGenerationBody, request: Request) -> JSONResponse:
+@router.post(
+    "/v1/images/generations",
+    # The body is parsed in the route, so a refused one is counted too; the spec still has it.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ImageGenerationBody.model_json_schema()}},
+        }
+    },
+)
+async def create_images(
+    raw: Annotated[dict[str, Any], Body(include_in_schema=False)], request: Request
+) -> JSONResponse:
     service: ImageService | None = request.app.state.images
     if service is None:
         raise APIError(404, NO_GENERATOR, code="no_image_generator", type="not_found_error")
     metrics = service.metrics
+    try:
+        body = ImageGenerationBody.model_validate(raw)
+    except ValidationError as e:
+        metrics.image_request("invalid")
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors()]
+        raise RequestValidationError(errors) from None
     try:
         image = _image_request(body, service.generator.name)
     except APIError:
