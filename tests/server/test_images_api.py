@@ -24,6 +24,8 @@ import pytest
 from common import MODEL, assert_error
 from fastapi.testclient import TestClient
 from http_server import free_port, running_server
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pictures import b64, picture, png
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -409,6 +411,37 @@ def test_bad_input_is_a_400_naming_the_field(fake, plait_url, fields, param):
 
 
 JSON = {"Content-Type": "application/json"}
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=5,
+)
+# The route's fields with values of any JSON type, and sizes kept small where valid.
+FIELDS = {
+    "prompt": st.text(max_size=10) | ANY_JSON,
+    "n": st.integers(-2, 10) | ANY_JSON,
+    "size": st.sampled_from(["16x8", "8x24", "auto", "big", "0x4", "4x9999", "x", ""]) | ANY_JSON,
+    "model": st.sampled_from([FAKE_MODEL, "other"]) | ANY_JSON,
+    "response_format": st.sampled_from(["b64_json", "url", "png"]) | ANY_JSON,
+    "seed": st.integers(-(2**64), 2**64) | ANY_JSON,
+    "negative_prompt": st.text(max_size=10) | ANY_JSON,
+    "num_inference_steps": st.integers(-1, 300) | ANY_JSON,
+    "guidance_scale": st.floats(-10, 200) | ANY_JSON,
+    "quality": ANY_JSON,
+    "colour": ANY_JSON,
+}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.fixed_dictionaries({}, optional=FIELDS) | ANY_JSON)
+def test_no_body_makes_a_server_error(fake, plait_url, body):
+    r = httpx.post(plait_url + "/v1/images/generations", json=body, timeout=30)
+    if r.status_code == 200:
+        data = r.json()["data"]
+        assert len(data) == (body.get("n", 1)) and all(decoded(d["b64_json"]).size for d in data)
+        return
+    assert 400 <= r.status_code < 500, (body, r.text)
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
 
 
 def test_the_server_stays_healthy_after_bad_input(fake, plait_url):
