@@ -319,8 +319,22 @@ def chained_url(engine, plait_url):
         yield url
 
 
+_CLIENTS: dict[str, openai.OpenAI] = {}
+
+
 def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    """One openai client per server, closed at the end of the module."""
+    if url not in _CLIENTS:
+        _CLIENTS[url] = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    return _CLIENTS[url]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_clients():
+    yield
+    for c in _CLIENTS.values():
+        c.close()
+    _CLIENTS.clear()
 
 
 def metric(url: str, name: str, labels: dict | None = None) -> float:
