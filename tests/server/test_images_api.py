@@ -563,3 +563,19 @@ def test_serve_checks_the_image_flags(flags, message):
     with pytest.raises(cli.UsageError) as e:
         cli.check_args(args)
     assert str(e.value).startswith(message)
+
+
+def test_serve_passes_the_image_flags_to_the_server(monkeypatch):
+    import plait.runtime.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda **kw: seen.update(kw))
+    flags = ["--image-backend", "http://127.0.0.1:9/v1", "--image-backend-model", "sd"]
+    flags += ["--image-backend-api-key", "sk-1", "--image-backend-timeout", "7"]
+    args = cli.build_parser().parse_args(["serve", *flags])
+    cli.check_args(args)
+    assert args.func(args) == 0
+    config = seen["server"]
+    assert (config.image_backend, config.image_backend_model) == ("http://127.0.0.1:9/v1", "sd")
+    assert (config.image_backend_api_key, config.image_backend_timeout_s) == ("sk-1", 7.0)
+    assert config.image_model is None
