@@ -15,6 +15,7 @@ import logging
 import pathlib
 import sys
 import traceback
+import urllib.parse
 
 from plait.runtime.attention import ATTENTION_BACKENDS
 from plait.runtime.attention import describe as describe_attention_backends
@@ -194,6 +195,21 @@ def check_args(a: argparse.Namespace) -> None:
         _at_least(a, "max_top_logprobs_num", 0)
         _at_least(a, "grammar_compile_timeout", 0, strict=True)
         _check_media_args(a)
+        _check_image_args(a)
+
+
+def _check_image_args(a: argparse.Namespace) -> None:
+    if a.image_model is not None and a.image_backend is not None:
+        raise UsageError("--image-model and --image-backend: give one image generator, not both")
+    if a.image_model is not None and not pathlib.Path(a.image_model).expanduser().is_dir():
+        raise UsageError(f"--image-model={a.image_model}: not a directory")
+    if a.image_backend is None:
+        for flag in ("image_backend_model", "image_backend_api_key"):
+            if getattr(a, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')}: needs --image-backend URL")
+    elif urllib.parse.urlsplit(a.image_backend).scheme not in ("http", "https"):
+        raise UsageError(f"--image-backend={a.image_backend}: not an http:// or https:// URL")
+    _at_least(a, "image_backend_timeout", 0, strict=True)
 
 
 def _check_media_args(a: argparse.Namespace) -> None:
@@ -266,6 +282,11 @@ def _serve(a: argparse.Namespace) -> int:
         ),
         media_fetch_timeout_s=a.media_fetch_timeout,
         max_media_bytes=a.max_media_bytes,
+        image_model=a.image_model,
+        image_backend=a.image_backend,
+        image_backend_model=a.image_backend_model,
+        image_backend_api_key=a.image_backend_api_key,
+        image_backend_timeout_s=a.image_backend_timeout,
     )
     serve(
         host=a.host,
@@ -402,6 +423,36 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=20 * 2**20,
         help="the most bytes of one image, fetched, read or decoded (default: 20 MiB)",
+    )
+    i = v.add_argument_group("images out (POST /v1/images/generations)")
+    i.add_argument(
+        "--image-model",
+        metavar="DIR",
+        default=None,
+        help="a local diffusers text-to-image pipeline directory that draws the images "
+        "(needs plait[diffusion])",
+    )
+    i.add_argument(
+        "--image-backend",
+        metavar="URL",
+        default=None,
+        help="a server with /v1/images/generations that draws them instead (plait, SGLang "
+        "Diffusion, vLLM-Omni, OpenAI: e.g. https://api.openai.com/v1)",
+    )
+    i.add_argument(
+        "--image-backend-model",
+        metavar="NAME",
+        default=None,
+        help="the model name sent to --image-backend (default: none sent, the server's own)",
+    )
+    i.add_argument(
+        "--image-backend-api-key", metavar="KEY", default=None, help="its API key (Bearer)"
+    )
+    i.add_argument(
+        "--image-backend-timeout",
+        type=float,
+        default=300.0,
+        help="seconds one call to --image-backend may take",
     )
     v.add_argument(
         "--max-top-logprobs-num",

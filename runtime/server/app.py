@@ -12,9 +12,9 @@ Native routes: ``/generate``, ``/get_model_info`` (``/model_info``),
 ``/get_server_info`` (``/server_info``), ``/health``, ``/health_generate``,
 ``/flush_cache``, ``/abort_request``, ``/metrics``, ``/start_profile`` and
 ``/stop_profile`` (with ``--profile-dir``), ``/concate_and_append_request``. OpenAI
-routes live in openai_api.py; the pieces both use in errors.py (error bodies),
-streaming.py (events, disconnects), middleware.py and config.py; the native
-route's own checks in native.py.
+routes live in openai_api.py, ``/v1/images/generations`` in images_api.py; the
+pieces both use in errors.py (error bodies), streaming.py (events, disconnects),
+middleware.py and config.py; the native route's own checks in native.py.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from fastapi import Body, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from plait.multimodal.generation import ImageGenerator
 from plait.runtime.engine import Engine, EngineShutdownError
 from plait.runtime.errors import RequestError
 from plait.runtime.inputs import GenerateInput
@@ -44,6 +45,8 @@ from plait.runtime.server.errors import (
     refuse_lone_surrogates,
 )
 from plait.runtime.server.images import supports_images
+from plait.runtime.server.images_api import ImageService, generator_from_config
+from plait.runtime.server.images_api import router as images_router
 from plait.runtime.server.metrics import Metrics
 from plait.runtime.server.middleware import install_middleware
 from plait.runtime.server.native import (
@@ -68,12 +71,20 @@ from plait.runtime.server.streaming import until_disconnect
 __all__ = ["APIError", "ServerConfig", "create_app"]
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    config: ServerConfig | None = None,
+    image_generator: ImageGenerator | None = None,
+) -> FastAPI:
+    """The app over ``engine``. ``image_generator`` serves /v1/images/generations (the
+    caller keeps and closes it); None: the one ``config`` names, if any."""
     config = config or ServerConfig()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        if app.state.images is not None:
+            app.state.images.close()
         engine.shutdown()
 
     app = FastAPI(
@@ -90,6 +101,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     install_error_handlers(app)
 
     app.include_router(openai_router)
+    owned = image_generator is None
+    generator = generator_from_config(config) if owned else image_generator
+    app.state.images = None if generator is None else ImageService(generator, metrics, owned)
+    app.include_router(images_router)
 
     @app.post("/generate")
     @app.put("/generate")

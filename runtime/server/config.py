@@ -33,6 +33,14 @@ class ServerConfig:
     allowed_media_domains: tuple[str, ...] | None = None
     media_fetch_timeout_s: float = 5.0
     max_media_bytes: int = 20 * 2**20
+    # The image generator of /v1/images/generations (runtime/server/images_api.py): a
+    # local diffusers pipeline directory, or the URL of a server with that route (its
+    # model name, API key and per-call timeout); neither: the route says how to set one.
+    image_model: str | None = None
+    image_backend: str | None = None
+    image_backend_model: str | None = None
+    image_backend_api_key: str | None = None
+    image_backend_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         name = self.served_model_name
@@ -48,6 +56,12 @@ class ServerConfig:
                 "'org/model'), not a path: clients see it"
             )
         _ = self.media_policy  # checks the media fields now, not at the first image
+        if self.image_model is not None and self.image_backend is not None:
+            raise ValueError("image_model and image_backend: give one image generator, not both")
+        if not self.image_backend_timeout_s > 0:
+            raise ValueError(
+                f"image_backend_timeout_s={self.image_backend_timeout_s!r}: must be > 0"
+            )
 
     @functools.cached_property
     def media_policy(self) -> MediaPolicy:

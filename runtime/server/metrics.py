@@ -79,6 +79,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.images = Counter("plait_images_generated", "images generated", registry=r)
+        self.image_requests = Counter(
+            "plait_image_requests",
+            "image generation requests by outcome (ok, invalid, cancelled, backend_error, error)",
+            ["status"],
+            registry=r,
+        )
         r.register(_EngineCollector(engine))
 
     def http(self, route: str, status: int, seconds: float) -> None:
@@ -102,6 +109,11 @@ class Metrics:
         """Account requests aborted before a result reached the server (their client
         went away)."""
         self.finished.labels("abort").inc(n)
+
+    def image_request(self, status: str, images: int = 0) -> None:
+        """Account one /v1/images/generations request and the images it made."""
+        self.image_requests.labels(status).inc()
+        self.images.inc(images)
 
     def first_token(self, piece: dict) -> None:
         latency = piece["meta_info"].get("e2e_latency")
