@@ -327,7 +327,8 @@ def render(engine: Any, messages: list[dict[str, Any]], plan: ToolPlan | None) -
     try:
         if takes_tools(engine):
             return engine.apply_chat_template(messages, tools=plan.specs if plan else None)
-        return engine.apply_chat_template(_inline(messages, plan))
+        parts = engine.chat_template.content_parts
+        return engine.apply_chat_template(written_in(messages, plan, parts))
     except jinja2.TemplateError as e:
         message = f"messages: the model's chat template refused them: {e}"
         raise APIError(400, message, param="messages") from None
@@ -364,16 +365,19 @@ def preamble(plan: ToolPlan) -> str:
     )
 
 
-def _inline(messages: list[dict[str, Any]], plan: ToolPlan | None) -> list[dict[str, Any]]:
+def written_in(
+    messages: list[dict[str, Any]], plan: ToolPlan | None, parts: bool = False
+) -> list[dict[str, Any]]:
     """The messages for a template without tools: calls written into the assistant's
-    text, consecutive tool results as one user turn, the tools in the system text."""
+    text, consecutive tool results as one user turn, the tools in the system text.
+    ``parts``: the template takes content as a list of parts (images stay in place)."""
     out: list[dict[str, Any]] = []
     results_open = False  # the last message out is a user turn of tool results
     for m in messages:
         if m["role"] == "tool":
-            result = f"<tool_response>\n{_text(m['content'])}\n</tool_response>"
+            result = _join(_join("<tool_response>", m["content"], "\n"), "</tool_response>", "\n")
             if results_open:
-                out[-1]["content"] += "\n" + result
+                out[-1]["content"] = _join(out[-1]["content"], result, "\n")
             else:
                 out.append({"role": "user", "content": result})
             results_open = True
@@ -385,10 +389,11 @@ def _inline(messages: list[dict[str, Any]], plan: ToolPlan | None) -> list[dict[
             content = _join(content, calls, "\n")
         out.append({"role": m["role"], "content": content})
     if plan is not None:
+        text = preamble(plan)
         if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": _join(out[0]["content"], preamble(plan), "\n\n")}
+            out[0] = {"role": "system", "content": _join(out[0]["content"], text, "\n\n")}
         else:
-            out.insert(0, {"role": "system", "content": preamble(plan)})
+            out.insert(0, {"role": "system", "content": [_part(text)] if parts else text})
     return out
 
 
@@ -398,17 +403,19 @@ def write_call(function: dict[str, Any]) -> str:
     return f"{OPEN}\n{json.dumps(call, ensure_ascii=False)}\n{CLOSE}"
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content)
+def _part(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
 
 
-def _join(content: Any, text: str, sep: str) -> Any:
-    """``text`` after a message's content (a string, or a list of parts)."""
-    if isinstance(content, list):
-        return [*content, {"type": "text", "text": sep + text if content else text}]
-    return content + sep + text if content else text
+def _join(head: Any, tail: Any, sep: str) -> Any:
+    """Two contents (strings, or lists of parts) one after the other, ``sep`` between
+    them when both have something."""
+    if not head or not tail:
+        return head or tail
+    if isinstance(head, str) and isinstance(tail, str):
+        return head + sep + tail
+    as_parts = [c if isinstance(c, list) else [_part(c)] for c in (head, tail)]
+    return [*as_parts[0], _part(sep), *as_parts[1]]
 
 
 # ---- the response -------------------------------------------------------------------------------

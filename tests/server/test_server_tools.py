@@ -23,7 +23,7 @@ from tiny_models import make_tiny_model
 import plait
 from plait.runtime.server import ServerConfig, create_app
 from plait.runtime.server.tool_parser import CallParser
-from plait.runtime.server.tools import plan_tools, preamble, stream_deltas
+from plait.runtime.server.tools import plan_tools, preamble, stream_deltas, written_in
 
 WEATHER = {
     "type": "function",
@@ -83,13 +83,15 @@ TOOLS_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 TAGS = ["<tool_call>", "</tool_call>"]  # added tokens (not special), as in Qwen2.5
+# The tools take some 450 tokens of the tiny tokenizer's prompt: a longer context.
+CONTEXT = 2048
 
 
 @pytest.fixture(scope="module")
 def tools_model_dir(tmp_path_factory) -> str:
     """The tiny Llama with two more tokens (the tags) and the tools template."""
     path = tmp_path_factory.mktemp("tiny_tools")
-    make_tiny_model(path, "llama", vocab_size=512 + len(TAGS))
+    make_tiny_model(path, "llama", vocab_size=512 + len(TAGS), max_position_embeddings=CONTEXT)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     tokenizer.add_tokens(TAGS)
     tokenizer.chat_template = TOOLS_TEMPLATE
@@ -100,6 +102,14 @@ def tools_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tools_engine(tools_model_dir):
     with plait.Engine(model=tools_model_dir, max_total_tokens=8192) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def plain_engine(tiny_model_dir):
+    """The tiny Llama with its ChatML template, which renders no tools."""
+    model = tiny_model_dir("llama", max_position_embeddings=CONTEXT)
+    with plait.Engine(model=model, max_total_tokens=8192) as eng:
         yield eng
 
 
@@ -129,9 +139,9 @@ def hermes(tools_engine):
 
 
 @pytest.fixture(scope="module")
-def plain(engine):
+def plain(plain_engine):
     """The model whose template knows nothing of tools."""
-    yield from served(engine)
+    yield from served(plain_engine)
 
 
 @pytest.fixture(params=["hermes", "plain"])
@@ -267,7 +277,9 @@ def test_auto_call_in_the_templates_own_tags_validates(hermes, seed):
 def test_auto_lets_plain_text_through(oai):
     """Left to itself the random model writes text, not tags: the answer is content,
     the same text tool_choice none gives."""
-    common = dict(messages=ASK, tools=TOOLS, temperature=0, max_tokens=12, ignore_eos=True)
+    common = dict(
+        messages=ASK, tools=TOOLS, temperature=0, max_tokens=12, extra_body={"ignore_eos": True}
+    )
     auto = oai.chat(**common).choices[0]
     none = oai.chat(tool_choice="none", **common).choices[0]
     assert auto.message.tool_calls is None and auto.finish_reason == "length"
@@ -282,7 +294,7 @@ def test_none_never_reads_calls(hermes):
         tool_choice="none",
         max_tokens=8,
         temperature=0,
-        ignore_eos=True,
+        extra_body={"ignore_eos": True},
         logit_bias=tag_bias(hermes),
     )
     (choice,) = r.choices
@@ -417,7 +429,8 @@ def test_tool_result_is_rendered_by_the_models_template(hermes, tools_engine, mo
     assert json.dumps(DRAW) in expected  # the template listed the tools
 
 
-def test_without_template_support_tools_and_results_are_written_in(plain, engine, monkeypatch):
+def test_without_template_support_tools_and_results_are_written_in(plain, monkeypatch):
+    engine = plain.engine
     prompts = spy_prompts(monkeypatch, engine)
     plain.chat(messages=CALLED, tools=TOOLS, max_tokens=2)
     plan = plan_tools(TOOLS, None, None)
@@ -434,14 +447,51 @@ def test_without_template_support_tools_and_results_are_written_in(plain, engine
     assert json.dumps(WEATHER) in preamble(plan) and "<tool_call>" in preamble(plan)
 
 
-def test_a_tool_result_needs_no_tools_in_the_request(plain, engine, monkeypatch):
+def test_a_tool_result_needs_no_tools_in_the_request(plain, monkeypatch):
     """A follow-up without ``tools``: the calls and results are still written in, and
     the answer is plain text."""
-    prompts = spy_prompts(monkeypatch, engine)
+    prompts = spy_prompts(monkeypatch, plain.engine)
     r = plain.chat(messages=CALLED, max_tokens=4)
     assert r.choices[0].message.tool_calls is None
     assert "<tool_response>\n18 degrees, sunny\n</tool_response>" in prompts[0]
     assert "# Tools" not in prompts[0]
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def test_for_a_template_of_parts_an_image_in_a_tool_result_stays_in_place():
+    """A vision model's template takes lists of parts: the image a tool returned is
+    shown where the result has it, inside the response tags."""
+    plan = plan_tools([DRAW], None, None)
+    result = [{"type": "image"}, text_part("a cat")]
+    messages = [
+        {"role": "user", "content": [text_part("Draw a cat.")]},
+        {"role": "tool", "tool_call_id": "call_1", "content": result},
+        {"role": "tool", "tool_call_id": "call_2", "content": [text_part("done")]},
+    ]
+    system, user, results = written_in(messages, plan, parts=True)
+    assert system == {"role": "system", "content": [text_part(preamble(plan))]}
+    assert user == messages[0]
+    opening, closing = text_part("<tool_response>"), text_part("</tool_response>")
+    nl = text_part("\n")
+    assert results == {
+        "role": "user",
+        "content": [
+            opening,
+            nl,
+            *result,
+            nl,
+            closing,
+            nl,
+            opening,
+            nl,
+            text_part("done"),
+            nl,
+            closing,
+        ],
+    }
 
 
 # ---- bad input ------------------------------------------------------------------------------------
