@@ -16,14 +16,20 @@ import jsonschema
 import openai
 import pytest
 import transformers
-from common import MODEL, assert_kv_all_free
+from common import GREEDY, MODEL, assert_kv_all_free
 from fastapi.testclient import TestClient
 from tiny_models import make_tiny_model
 
 import plait
 from plait.runtime.server import ServerConfig, create_app
 from plait.runtime.server.tool_parser import CallParser
-from plait.runtime.server.tools import plan_tools, preamble, stream_deltas, written_in
+from plait.runtime.server.tools import (
+    plan_tools,
+    preamble,
+    render,
+    stream_deltas,
+    written_in,
+)
 
 WEATHER = {
     "type": "function",
@@ -276,14 +282,21 @@ def test_auto_call_in_the_templates_own_tags_validates(hermes, seed):
 
 def test_auto_lets_plain_text_through(oai):
     """Left to itself the random model writes text, not tags: the answer is content,
-    the same text tool_choice none gives."""
+    what the engine writes for the same prompt under the tools' grammar (which, unlike
+    tool_choice none, keeps the text valid UTF-8)."""
     common = dict(
         messages=ASK, tools=TOOLS, temperature=0, max_tokens=12, extra_body={"ignore_eos": True}
     )
     auto = oai.chat(**common).choices[0]
-    none = oai.chat(tool_choice="none", **common).choices[0]
     assert auto.message.tool_calls is None and auto.finish_reason == "length"
-    assert auto.message.content == none.message.content and auto.message.content
+    plan = plan_tools(TOOLS, "auto", None)
+    prompt = render(oai.engine, ASK, plan)
+    ref = oai.engine.generate(
+        prompt, {**GREEDY, "max_new_tokens": 12, "ebnf": plan.constraint()["ebnf"]}
+    )
+    assert auto.message.content == ref["text"] and "<tool_call>" not in ref["text"]
+    none = oai.chat(tool_choice="none", **common).choices[0]
+    assert none.message.tool_calls is None and none.message.content
 
 
 def test_none_never_reads_calls(hermes):
