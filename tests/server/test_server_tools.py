@@ -280,6 +280,60 @@ def test_auto_call_in_the_templates_own_tags_validates(hermes, seed):
     ]
 
 
+def test_auto_never_begins_a_call_it_cannot_finish(hermes):
+    """A call needs some 35 tokens here: with 16, budget-aware decoding takes the
+    shortest complete output instead of a call cut short -- empty text."""
+    r = hermes.chat(
+        messages=ASK,
+        tools=TOOLS,
+        temperature=1.0,
+        seed=3,
+        max_tokens=16,
+        parallel_tool_calls=False,
+        logit_bias=tag_bias(hermes),
+    )
+    (choice,) = r.choices
+    assert choice.message.tool_calls is None and choice.message.content == ""
+    assert choice.finish_reason == "length"
+
+
+# Parameters with references, as pydantic writes them: the call's schema keeps them valid.
+LIST = {
+    "type": "function",
+    "function": {
+        "name": "make_list",
+        "parameters": {
+            "$defs": {
+                "Item": {
+                    "type": "object",
+                    "properties": {"label": {"enum": ["a", "b"]}, "count": {"type": "integer"}},
+                    "required": ["label", "count"],
+                }
+            },
+            "type": "object",
+            "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}},
+            "required": ["items"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_parameters_with_references_validate(plain, seed):
+    r = plain.chat(
+        messages=ASK,
+        tools=[DRAW, LIST],
+        temperature=1.0,
+        seed=seed,
+        max_tokens=96,
+        tool_choice={"type": "function", "function": {"name": "make_list"}},
+    )
+    (call,) = r.choices[0].message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, LIST["function"]["parameters"])
+    assert call.function.name == "make_list" and isinstance(arguments["items"], list)
+
+
 def test_auto_lets_plain_text_through(oai):
     """Left to itself the random model writes text, not tags: the answer is content,
     what the engine writes for the same prompt under the tools' grammar (which, unlike
