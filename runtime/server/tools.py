@@ -222,6 +222,8 @@ def _check_schema(param: str, schema: Any) -> None:
         raise APIError(
             400, f"{param}: must be a JSON Schema object, got {type(schema).__name__}", param=param
         )
+    if not isinstance(schema.get("$schema", ""), str):
+        raise APIError(400, f"{param}: $schema must be a URI string", param=param)
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         validator.check_schema(schema)
@@ -249,7 +251,7 @@ def _check_choice(choice: Any, names: dict[str, int]) -> tuple[str, str | None]:
         return choice, None
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
-    if choice.get("type", "function") != "function" or not isinstance(name, str):
+    if not isinstance(name, str) or choice.get("type", "function") != "function":
         raise APIError(
             400,
             'tool_choice: a named choice is {"type": "function", "function": {"name": ...}}',

@@ -589,6 +589,12 @@ BAD = {
         "tool_choice",
     ),
     "unknown-choice": ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    "choice-not-an-object": ({"tools": TOOLS, "tool_choice": [1]}, "tool_choice"),
+    "schema-dialect-not-a-string": (
+        {"tools": [with_parameters({"$schema": 5})]},
+        "tools[0].function.parameters",
+    ),
+    "tools-not-a-list": ({"tools": {"type": "function"}}, "tools"),
     "required-without-tools": ({"tool_choice": "required"}, "tool_choice"),
     "with-response-format": (
         {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
