@@ -90,8 +90,12 @@ def _openai_error(e: RequestError, body: _OpenAISampling, prompt_param: str) -> 
     elif name.startswith(("input_ids", "prompt", "images")):
         param = prompt_param
     elif name in ("regex", "ebnf", "json_schema") and getattr(body, name) is None:
-        # the constraint came from response_format, or else from the tools
-        param = "response_format" if body.response_format is not None else "tools"
+        tools = getattr(body, "tools", None) and getattr(body, "tool_choice", None) != "none"
+        if not tools:
+            param = "response_format"  # the constraint came from response_format
+        else:  # or from the tools (tools.add_constraint allows no other)
+            reason = f"the grammar of the tool calls cannot be compiled: {e.reason}"
+            return APIError(400, f"tools: {reason}", param="tools")
     else:
         param = _OPENAI_NAME.get(name, name)
     message = str(e)

@@ -595,6 +595,11 @@ BAD = {
         "tools[0].function.parameters",
     ),
     "tools-not-a-list": ({"tools": {"type": "function"}}, "tools"),
+    # Valid JSON Schema, but "not" is beyond the grammar of auto's tagged calls.
+    "beyond-the-auto-grammar": (
+        {"tools": [with_parameters({"properties": {"a": {"not": {"type": "string"}}}})]},
+        "tools",
+    ),
     "required-without-tools": ({"tool_choice": "required"}, "tool_choice"),
     "with-response-format": (
         {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
