@@ -369,6 +369,18 @@ def test_none_never_reads_calls(hermes):
     assert choice.message.content.startswith("<tool_call>")
 
 
+def test_without_tools_a_reply_is_as_before(oai):
+    """No tools: the template is rendered as it always was, and the message is text."""
+    r = oai.client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=ASK, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    (choice,) = r.http_response.json()["choices"]
+    prompt = oai.engine.apply_chat_template(ASK)
+    ref = oai.engine.generate(prompt, {**GREEDY, "max_new_tokens": 6})
+    assert choice["message"] == {"role": "assistant", "content": ref["text"]}
+    assert choice["finish_reason"] == "length"
+
+
 # ---- streaming ----------------------------------------------------------------------------------
 
 
