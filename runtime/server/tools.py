@@ -29,6 +29,10 @@ Output, by ``tool_choice``:
 * a named function: one JSON call to it;
 * ``"none"``: plain text, the tools still shown to the model.
 
+Budget-aware decoding (constrained/closing.py) finishes these grammars before
+``max_tokens`` runs out, so a call is never cut short: in ``"auto"``, a call that
+cannot be finished in the tokens left is not begun, and the reply stays text.
+
 :class:`CallParser` reads either form piece by piece. Streamed, it gives OpenAI's
 deltas (content, then for each call its id and name, then pieces of its arguments);
 on a whole output, the same parser gives the message's ``content`` and
