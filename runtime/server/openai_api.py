@@ -4,7 +4,8 @@
 A chat request is rendered with the model's own chat template (the same one
 the DSL's roles come from), so the two never disagree. ``response_format``
 (``json_object``, ``json_schema``) and SGLang's ``regex`` / ``ebnf`` /
-``json_schema`` extras become grammar constraints. With ``n > 1`` and
+``json_schema`` extras become grammar constraints; ``tools`` are handled by tools.py
+(prompt, grammar, and the output read back as ``tool_calls``). With ``n > 1`` and
 ``stream``, each choice is its own engine request (choice k seeded with
 ``seed + k``, as the engine does for ``n``) and their pieces are interleaved
 in one event stream.
@@ -39,6 +40,16 @@ from plait.runtime.server.protocol import (
     _OpenAISampling,
 )
 from plait.runtime.server.streaming import SSE_DONE, merge_streams, open_streams, until_disconnect
+from plait.runtime.server.tools import (
+    ToolPlan,
+    add_constraint,
+    assistant_message,
+    ends_in_calls,
+    plan_tools,
+    render,
+    stream_deltas,
+    with_tool_fields,
+)
 
 router = APIRouter()
 
@@ -61,6 +72,7 @@ _PASSTHROUGH = {
     "regex": "regex",
     "ebnf": "ebnf",
     "json_schema": "json_schema",
+    "logit_bias": "logit_bias",
 }
 
 
@@ -78,7 +90,12 @@ def _openai_error(e: RequestError, body: _OpenAISampling, prompt_param: str) -> 
     elif name.startswith(("input_ids", "prompt", "images")):
         param = prompt_param
     elif name in ("regex", "ebnf", "json_schema") and getattr(body, name) is None:
-        param = "response_format"  # the constraint came from response_format
+        tools = getattr(body, "tools", None) and getattr(body, "tool_choice", None) != "none"
+        if not tools:
+            param = "response_format"  # the constraint came from response_format
+        else:  # or from the tools (tools.add_constraint allows no other)
+            reason = f"the grammar of the tool calls cannot be compiled: {e.reason}"
+            return APIError(400, f"tools: {reason}", param="tools")
     else:
         param = _OPENAI_NAME.get(name, name)
     message = str(e)
@@ -237,18 +254,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     _check_model(request, body.model)
     engine = _engine(request)
     config = request.app.state.config
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     messages, sources = _chat_messages(body, engine, config.served_model_name)
+    messages = with_tool_fields(body.messages, messages)
     image_token = engine.chat_template.image_token
     prefill = _assistant_prefill(body, messages, image_token)
     images = await load_named(sources, config.media_policy) if sources else None
     # Rendering a long conversation takes a while: off the event loop.
-    prompt = await run_in_threadpool(engine.apply_chat_template, messages) + prefill
+    prompt = await run_in_threadpool(render, engine, messages, plan) + prefill
     max_tokens = (
         body.max_completion_tokens if body.max_completion_tokens is not None else (body.max_tokens)
     )
     if max_tokens is None:
         max_tokens = request.app.state.config.chat_default_max_tokens
     params = _sampling(body, max_tokens)
+    add_constraint(plan, params)
     logprob_options = {}
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -266,7 +286,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         if body.stream:
             streams = await open_streams(engine, [prompt], params, options, rid)
             return StreamingResponse(
-                _chat_events(streams, rid, created, body, metrics), media_type="text/event-stream"
+                _chat_events(streams, rid, created, body, metrics, plan),
+                media_type="text/event-stream",
             )
         outs = await until_disconnect(
             request,
@@ -281,16 +302,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise
     outs = outs if isinstance(outs, list) else [outs]
     metrics.record(outs)
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": o["text"]},
-            "logprobs": chat_logprobs(o["meta_info"]) if body.logprobs else None,
-            "finish_reason": finish_reason(o["meta_info"]),
-            "matched_stop": matched_stop(o["meta_info"]),
-        }
-        for i, o in enumerate(outs)
-    ]
+    choices = []
+    for i, o in enumerate(outs):
+        message, called = assistant_message(plan, o["text"])
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": chat_logprobs(o["meta_info"]) if body.logprobs else None,
+                "finish_reason": "tool_calls" if called else finish_reason(o["meta_info"]),
+                "matched_stop": matched_stop(o["meta_info"]),
+            }
+        )
     return JSONResponse(
         {
             "id": rid,
@@ -333,8 +356,10 @@ async def _chat_events(
     created: int,
     body: ChatCompletionRequest,
     metrics: Any,
+    plan: ToolPlan | None,
 ) -> AsyncIterator[str]:
     chunk = chunk_writer(rid, created, body.model, "chat.completion.chunk")
+    parsers = [plan.parser() if plan is not None else None for _ in streams]
 
     for i in range(len(streams)):
         yield chunk(
@@ -361,12 +386,17 @@ async def _chat_events(
                 "logprobs": None,
                 "finish_reason": None,
             }
-            if piece["text"]:
-                choice["delta"] = {"content": piece["text"]}
+            finished = meta.get("finish_reason") is not None
+            deltas = stream_deltas(parsers[i], piece["text"], finished)
+            for delta in deltas[:-1]:  # a piece that closes content and opens a call
+                yield chunk([{**choice, "delta": delta}])
+            if deltas:
+                choice["delta"] = deltas[-1]
             if body.logprobs:
                 choice["logprobs"] = chat_logprobs(meta)
-            if meta.get("finish_reason") is not None:
-                choice["finish_reason"] = finish_reason(meta)
+            if finished:
+                called = ends_in_calls(parsers[i])
+                choice["finish_reason"] = "tool_calls" if called else finish_reason(meta)
                 choice["matched_stop"] = matched_stop(meta)
                 finals[i] = {"meta_info": meta}
             if choice["delta"] or choice["finish_reason"] or choice["logprobs"]:

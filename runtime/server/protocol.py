@@ -201,6 +201,7 @@ class _OpenAISampling(_Body):
     regex: str | None = None
     ebnf: str | None = None
     json_schema: dict[str, Any] | str | None = None
+    logit_bias: dict[str, Any] | None = None  # token id -> bias in [-100, 100]
     rid: str | None = None
 
 
@@ -214,6 +215,9 @@ class CompletionRequest(_OpenAISampling):
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -227,3 +231,7 @@ class ChatCompletionRequest(_OpenAISampling):
     continue_final_message: bool = False
     # Text the assistant's reply starts with, continued the same way.
     response_prefill: str | None = None
+    # Tool calling: checked and applied by runtime/server/tools.py.
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
