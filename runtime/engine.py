@@ -86,14 +86,14 @@ class EngineShutdownError(RuntimeError):
 _DEFAULT_ARGS = (None, None, False, None, None, False, False, None)
 
 
-def _as_input(prompt: Any, image_data: Any, *args: Any) -> GenerateInput:
+def _as_input(prompt: Any, image_data: Any, extra_key: Any, *args: Any) -> GenerateInput:
     """The GenerateInput of a generate call: given as ``prompt``, or built from the
     keyword arguments (SGLang's API)."""
     if not isinstance(prompt, GenerateInput):
-        inp = GenerateInput(prompt, *args)
+        inp = GenerateInput(prompt, *args, extra_key=extra_key)
         inp.images = image_data_lists(image_data, inp.prompt, inp.input_ids)
         return inp
-    if args != _DEFAULT_ARGS or image_data is not None:
+    if args != _DEFAULT_ARGS or image_data is not None or extra_key is not None:
         raise TypeError("give a GenerateInput alone, or the keyword arguments without one")
     return prompt
 
@@ -224,6 +224,7 @@ class Engine:
         stream: bool = False,
         rid: str | list[str] | None = None,
         image_data: Any = None,
+        extra_key: str | list[str | None] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (a dict) or a list of prompts (a list of dicts,
         run as one batch). ``n > 1`` gives a list of n results per prompt.
@@ -233,10 +234,13 @@ class Engine:
 
         ``image_data`` (vision-language models; the prompt writes e.g. ``<image>`` where
         each goes): one image or a list per prompt, for a batch one entry per prompt;
-        an image is what ``plait.multimodal.image.load_image`` reads."""
+        an image is what ``plait.multimodal.image.load_image`` reads. ``extra_key``
+        (one, or one per prompt): requests share cached prefixes only with requests
+        of the same key (a tenant's, say)."""
         inp = _as_input(
             prompt,
             image_data,
+            extra_key,
             sampling_params,
             input_ids,
             return_logprob,
@@ -272,12 +276,14 @@ class Engine:
         stream: bool = False,
         rid: str | list[str] | None = None,
         image_data: Any = None,
+        extra_key: str | list[str | None] | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """The asyncio form of generate; with ``stream=True`` it returns an async
         iterator of incremental result dicts. It too takes a GenerateInput."""
         inp = _as_input(
             prompt,
             image_data,
+            extra_key,
             sampling_params,
             input_ids,
             return_logprob,
@@ -488,6 +494,7 @@ class Engine:
             jump_forward=not self.config.disable_jump_forward,
             image_items=p.image_items,
             mrope=(p.mrope_positions, p.mrope_delta),
+            cache_namespace=p.cache_namespace,
         )
 
     def _cancel_grammars(self, reqs: list[Req]) -> None:

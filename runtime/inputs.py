@@ -52,6 +52,9 @@ class GenerateInput:
     rid: str | list[str] | None = None
     token_ids_logprob: list[int] | list[list[int]] | None = None
     images: list[list[Any]] | None = None
+    # A prefix-cache namespace (SGLang's extra_key, vLLM's cache_salt): requests share
+    # cached prefixes only with requests of the same key. One, or one per prompt.
+    extra_key: str | list[str | None] | None = None
 
     def check(
         self,
@@ -66,6 +69,7 @@ class GenerateInput:
         id_lists, single = self._token_ids(encode)
         params_list = self._params_list(len(id_lists))
         rids = self._rids(len(id_lists))
+        keys = self._extra_keys(len(id_lists))
         self._check_logprob_options(limits)
         images = self._images(len(id_lists), limits)
         items: list[list[Any]] = [[] for _ in id_lists]
@@ -113,6 +117,7 @@ class GenerateInput:
                     image_items=items[i],
                     mrope_positions=mrope[i][0],
                     mrope_delta=mrope[i][1],
+                    cache_namespace=keys[i],
                 )
             )
         return prompts, single
@@ -164,6 +169,16 @@ class GenerateInput:
         if len(set(given)) != len(given):
             raise RequestError("rid", rid, "rids must be unique")
         return rids
+
+    def _extra_keys(self, n: int) -> list[str | None]:
+        key = self.extra_key
+        keys = key if isinstance(key, list) else [key] * n
+        ok = len(keys) == n and all(k is None or (isinstance(k, str) and k) for k in keys)
+        if not ok:
+            raise RequestError(
+                "extra_key", key, f"a non-empty string, or a list of {n} (one per prompt)"
+            )
+        return keys
 
     def _check_logprob_options(self, limits: InputLimits) -> None:
         top = self.top_logprobs_num
@@ -233,6 +248,7 @@ class PromptInput:
     image_items: list[Any] = field(default_factory=list)  # ImageItems, after processing
     mrope_positions: Any = None  # M-RoPE models: the prompt's [3, T] positions
     mrope_delta: int = 0
+    cache_namespace: str | None = None  # extra_key: the prefix cache's namespace
 
 
 def image_data_lists(image_data: Any, prompt: Any, input_ids: Any) -> list[list[Any]] | None:

@@ -42,6 +42,7 @@ class Req:
         jump_forward: bool = True,
         image_items: list[ImageItem] | None = None,
         mrope: tuple[torch.Tensor | None, int] = (None, 0),
+        cache_namespace: Hashable | None = None,
     ):
         self.rid = rid
         self.input_ids = input_ids
@@ -64,7 +65,8 @@ class Req:
         # image diverges at its first placeholder. The model still sees input_ids.
         self.image_items: list[ImageItem] = image_items or []
         self.key_ids: list[int] = image_key_ids(input_ids, self.image_items)
-        self.cache_namespace: Hashable | None = None  # prefixes are shared within one
+        # Prefixes are shared only within one namespace (a request's extra_key).
+        self.cache_namespace = cache_namespace
         # M-RoPE models (Qwen2-VL): the prompt's [3, T] rotary positions when it has images
         # (None: token i is at i on all three axes), and the delta added to the index of
         # each generated token (scheduler/mrope.py).

@@ -456,3 +456,23 @@ def test_request_shape_errors_name_the_field(engine, kwargs, field):
 def test_one_rid_for_a_batch_gives_each_prompt_its_own(engine):
     outs = engine.generate(["a", "b"], {**GREEDY, "max_new_tokens": 1}, rid="job")
     assert [o["meta_info"]["id"] for o in outs] == ["job-0", "job-1"]
+
+
+def test_extra_key_keeps_cached_prefixes_apart(engine):
+    """Requests share cached prefixes only within one extra_key (a tenant's namespace);
+    the key changes nothing else."""
+    prompt = "A prefix that only its own tenant may reuse: " + PROMPTS[2]
+    params = {**GREEDY, "max_new_tokens": 4}
+    first = engine.generate(prompt, params, extra_key="tenant-a")
+    n = first["meta_info"]["prompt_tokens"]
+    same = engine.generate(prompt, params, extra_key="tenant-a")
+    assert same["meta_info"]["cached_tokens"] == n - 1
+    assert same["output_ids"] == first["output_ids"]
+    assert engine.generate(prompt, params, extra_key="tenant-b")["meta_info"]["cached_tokens"] == 0
+    assert engine.generate(prompt, params)["meta_info"]["cached_tokens"] == 0  # no key: its own
+    outs = engine.generate([prompt, prompt], params, extra_key=["tenant-a", "tenant-c"])
+    assert [o["meta_info"]["cached_tokens"] for o in outs] == [n - 1, 0]
+    with pytest.raises(RequestError, match="one per prompt") as err:
+        engine.generate([prompt, prompt], params, extra_key=["tenant-a"])
+    assert err.value.field == "extra_key"
+    assert_kv_all_free(engine)

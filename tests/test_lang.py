@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from pydantic import BaseModel
@@ -635,7 +636,9 @@ def test_async_iteration_with_meta_data_gives_each_pieces_own_logprobs(backend):
 
 
 _STREAMING_CHILD = """
-    import atexit, sys, threading
+    import atexit, faulthandler, signal, sys, threading
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view if it hangs
 
     def report():  # registered first, so it runs after plait's own exit handlers
         alive = [t.name for t in threading.enumerate() if t.name == "plait-engine"]
@@ -677,6 +680,12 @@ def test_ctrl_c_while_streaming_raises_keyboard_interrupt_and_stops_the_engine(
         assert proc.stdout.readline() == "streaming\n"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say where every thread of the child stands
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"no exit 120 s after Ctrl-C; {out.count('streaming')} more runs; {err}")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -24,6 +24,7 @@ from plait.runtime.server.protocol import (
     UNSUPPORTED_FIELDS,
     GenerateRequest,
     ProfileRequest,
+    cache_namespace,
 )
 from plait.runtime.server.streaming import SSE_DONE, sse
 
@@ -117,6 +118,7 @@ def generate_input(
         stream=bool(body.stream),
         rid=body.rid,
         images=images,
+        extra_key=cache_namespace(body),
     )
 
 

@@ -38,6 +38,7 @@ from plait.runtime.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     _OpenAISampling,
+    cache_namespace,
 )
 from plait.runtime.server.streaming import SSE_DONE, merge_streams, open_streams, until_disconnect
 from plait.runtime.server.tools import (
@@ -292,7 +293,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         outs = await until_disconnect(
             request,
             engine.async_generate(
-                GenerateInput(prompt=prompt, sampling_params=params, rid=rid, **options)
+                GenerateInput(
+                    prompt=prompt,
+                    sampling_params=params,
+                    rid=rid,
+                    extra_key=cache_namespace(body),
+                    **options,
+                )
             ),
         )
     except RequestError as e:
@@ -458,7 +465,13 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         outs = await until_disconnect(
             request,
             engine.async_generate(
-                GenerateInput(**{key: prompts}, sampling_params=params, rid=rid, **options)
+                GenerateInput(
+                    **{key: prompts},
+                    sampling_params=params,
+                    rid=rid,
+                    extra_key=cache_namespace(body),
+                    **options,
+                )
             ),
         )
     except RequestError as e:

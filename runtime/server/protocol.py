@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
 
+from plait.runtime.server.errors import APIError
+
 StrList = str | list[str]
 
 
@@ -60,10 +62,6 @@ UNSUPPORTED_FIELDS = {
     "lora_id": "LoRA adapters are not supported",
     "custom_logit_processor": "custom logit processors are not accepted over HTTP",
     "positional_embed_overrides": "embedding overrides are not accepted over HTTP",
-    # A cache namespace a client asks for must really separate its prefixes: until the
-    # engine takes one, refusing is the only honest answer.
-    "extra_key": "cache namespaces are not supported yet; prefixes are shared by all requests",
-    "cache_salt": "cache namespaces are not supported yet; prefixes are shared by all requests",
     "bootstrap_host": _PD,
     "bootstrap_port": _PD,
     "bootstrap_room": _PD,
@@ -112,6 +110,10 @@ class _GenerateFields(BaseModel):
     external_trace_header: dict[str, Any] | None = None
     received_time: float | None = None
     kv_hints: Any = None
+    # A prefix-cache namespace: SGLang's extra_key, vLLM's cache_salt (give one); one,
+    # or one per prompt of a batch.
+    extra_key: str | list[str | None] | None = None
+    cache_salt: str | list[str | None] | None = None
 
 
 # Media and features that cannot apply are declared too (so the OpenAPI spec lists
@@ -203,6 +205,9 @@ class _OpenAISampling(_Body):
     json_schema: dict[str, Any] | str | None = None
     logit_bias: dict[str, Any] | None = None  # token id -> bias in [-100, 100]
     rid: str | None = None
+    # A prefix-cache namespace: SGLang's extra_key, vLLM's cache_salt (give one).
+    extra_key: str | None = None
+    cache_salt: str | None = None
 
 
 class CompletionRequest(_OpenAISampling):
@@ -235,3 +240,12 @@ class ChatCompletionRequest(_OpenAISampling):
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
+
+
+def cache_namespace(body: Any) -> Any:
+    """A request's prefix-cache namespace: its ``extra_key`` (SGLang's) or ``cache_salt``
+    (vLLM's); None when it gives neither. Requests share cached prefixes only with
+    requests of the same namespace."""
+    if body.extra_key is not None and body.cache_salt is not None:
+        raise APIError(400, "give one of extra_key or cache_salt, not both", param="cache_salt")
+    return body.extra_key if body.extra_key is not None else body.cache_salt

@@ -8,7 +8,7 @@ import json
 import threading
 
 import pytest
-from common import GREEDY, MODEL, PROMPTS, assert_error, sse_events
+from common import GREEDY, MODEL, PROMPTS, assert_error, assert_kv_all_free, sse_events
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -280,8 +280,6 @@ def test_sglang_bookkeeping_fields_are_accepted(client):
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("extra_key", "tenant-a"),  # a cache namespace that would not separate anything
-        ("cache_salt", "tenant-a"),
         ("watermark", {"key": 1}),
         ("return_prompt_token_ids", True),
         ("return_flat_raw_top_logprobs", True),
@@ -414,3 +412,43 @@ def test_plait_serve_names_a_model_dir_by_its_own_name(tmp_path, monkeypatch):
         assert _model_name(given) == "MyModel-1B"
         ServerConfig(served_model_name=_model_name(given))  # a name, not a path
     assert _model_name("smollm2") == "smollm2" and _model_name("/m/x.gguf") == "x"
+
+
+def test_extra_key_and_cache_salt_keep_prefixes_apart(client, engine):
+    """SGLang's extra_key and vLLM's cache_salt name a prefix-cache namespace, on the
+    native and the OpenAI routes; giving both, or a bad shape, is a 400 by name."""
+    text = "Only this tenant reuses this opening. " * 3
+    body = {"text": text, "sampling_params": {**GREEDY, "max_new_tokens": 2}}
+
+    def cached(**extra) -> int:
+        r = client.post("/generate", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["meta_info"]["cached_tokens"]
+
+    assert cached(extra_key="a") == 0
+    assert cached(extra_key="a") > 0
+    assert cached(cache_salt="a") > 0  # the same namespace, by vLLM's name
+    assert cached(extra_key="b") == 0
+    chat = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 2,
+        "temperature": 0,
+    }
+
+    def chat_cached(**extra) -> int:
+        r = client.post("/v1/chat/completions", json={**chat, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert chat_cached(cache_salt="c") == 0
+    assert chat_cached(cache_salt="c") > 0
+    assert chat_cached(cache_salt="d") == 0
+    assert_error(
+        client.post("/generate", json={**body, "extra_key": "a", "cache_salt": "a"}),
+        400,
+        "cache_salt",
+    )
+    r = client.post("/generate", json={"text": [text, text], "extra_key": ["a"]})
+    assert_error(r, 400, "extra_key")
+    assert_kv_all_free(engine)
