@@ -21,6 +21,7 @@ import pytest
 from http_server import running_server
 from pictures import SQUARE
 from PIL import Image
+from tiny_models import make_tiny_sd
 
 import plait as pl
 from plait.drawing import PROMPT_INSTRUCTION, PROMPT_SCHEMA, prompt_request_text
@@ -29,85 +30,10 @@ from plait.runtime.errors import RequestError
 from plait.runtime.server import ServerConfig, create_app
 
 STEPS = 2
-SIDE = 32  # pixels: the tiny UNet's 16x16 latents, VAE scale factor 2
+SIDE = 32  # pixels: the tiny pipeline's default image (tiny_models.make_tiny_sd)
 
 
 # ---- a tiny random StableDiffusionPipeline ----------------------------------------------
-
-
-def clip_tokenizer():
-    """A CLIP tokenizer on a character-level vocabulary (no merges), built here."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = sorted(set(bytes_to_unicode().values()))
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def make_tiny_pipeline(path) -> str:
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=SIDE // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=SIDE,
-    )
-    tokenizer = clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +41,7 @@ def pipeline(tmp_path_factory):
     """The tiny pipeline, loaded back from its directory as diffusers loads any."""
     from diffusers import StableDiffusionPipeline
 
-    path = make_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
+    path = make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
     pipe = StableDiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
