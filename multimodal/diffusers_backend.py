@@ -195,8 +195,9 @@ class _Job:
 class DiffusersGenerator:
     """Text to images with the diffusers pipeline saved in ``path`` (see the module doc).
 
-    Counters for /metrics: ``images_generated``, ``batches`` (pipeline calls),
-    ``offloads`` and ``reloads``.
+    Counters: ``images_generated``, ``batches`` (pipeline calls finished),
+    ``stopped`` (pipeline calls stopped between steps: all their requests cancelled),
+    ``denoise_steps`` (steps run, over all calls), ``offloads`` and ``reloads``.
     """
 
     def __init__(
@@ -233,7 +234,8 @@ class DiffusersGenerator:
         self.model_cpu_offload = model_cpu_offload and on_accelerator
         self.sequential_cpu_offload = sequential_cpu_offload and on_accelerator
 
-        self.images_generated = self.batches = self.offloads = self.reloads = 0
+        self.images_generated = self.batches = self.stopped = self.denoise_steps = 0
+        self.offloads = self.reloads = 0
         self._pipe = None
         self._offloaded = False  # the weights are away: in host memory, or released on a CPU
         self._load()
@@ -280,6 +282,8 @@ class DiffusersGenerator:
         return {
             "images_generated": self.images_generated,
             "batches": self.batches,
+            "stopped": self.stopped,
+            "denoise_steps": self.denoise_steps,
             "offloads": self.offloads,
             "reloads": self.reloads,
         }
@@ -468,6 +472,7 @@ class DiffusersGenerator:
             images = self._pipe(**self._call_args(jobs)).images
         except _Cancelled:
             self._pipe.maybe_free_model_hooks()
+            self.stopped += 1
             return
         except BaseException as e:  # the batch fails; the generator goes on
             logger.exception("%s: pipeline call failed", self.name)
@@ -504,6 +509,7 @@ class DiffusersGenerator:
             ]
 
         def stop_if_cancelled() -> None:
+            self.denoise_steps += 1
             for job in jobs:
                 if job.cancelled:
                     job.cancel()

@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from PIL import Image
 
+# The schedulers a local pipeline can be given by name ("default": the pipeline's own);
+# plait.multimodal.diffusers_backend.SCHEDULERS says what each one is.
+SCHEDULER_NAMES = ("default", "euler", "euler_a", "dpm++_2m", "ddim", "lcm", "flow_match")
 MAX_IMAGES_PER_REQUEST = 8
 MAX_STEPS = 200
 MAX_SIDE = 4096

@@ -17,6 +17,7 @@ import sys
 import traceback
 import urllib.parse
 
+from plait.multimodal.generation import SCHEDULER_NAMES
 from plait.runtime.attention import ATTENTION_BACKENDS
 from plait.runtime.attention import describe as describe_attention_backends
 
@@ -210,6 +211,12 @@ def _check_image_args(a: argparse.Namespace) -> None:
     elif urllib.parse.urlsplit(a.image_backend).scheme not in ("http", "https"):
         raise UsageError(f"--image-backend={a.image_backend}: not an http:// or https:// URL")
     _at_least(a, "image_backend_timeout", 0, strict=True)
+    if a.image_model is None:
+        for flag in ("image_scheduler", "image_idle_offload"):
+            if getattr(a, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')}: needs --image-model DIR")
+    _at_least(a, "image_idle_offload", 0)
+    _at_least(a, "image_max_batch", 1)
 
 
 def _check_media_args(a: argparse.Namespace) -> None:
@@ -287,6 +294,9 @@ def _serve(a: argparse.Namespace) -> int:
         image_backend_model=a.image_backend_model,
         image_backend_api_key=a.image_backend_api_key,
         image_backend_timeout_s=a.image_backend_timeout,
+        image_scheduler=a.image_scheduler,
+        image_idle_offload_s=a.image_idle_offload,
+        image_max_batch=a.image_max_batch,
     )
     serve(
         host=a.host,
@@ -453,6 +463,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=300.0,
         help="seconds one call to --image-backend may take",
+    )
+    i.add_argument(
+        "--image-scheduler",
+        metavar="NAME",
+        choices=SCHEDULER_NAMES,
+        default=None,
+        help="the --image-model pipeline's scheduler: "
+        + ", ".join(SCHEDULER_NAMES)
+        + " (default: the pipeline's own)",
+    )
+    i.add_argument(
+        "--image-idle-offload",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="after this many seconds without image requests the --image-model weights "
+        "leave the device (released on a CPU) until the next request (default: never)",
+    )
+    i.add_argument(
+        "--image-max-batch",
+        metavar="N",
+        type=int,
+        default=8,
+        help="the most images of concurrent requests drawn in one pipeline call",
     )
     v.add_argument(
         "--max-top-logprobs-num",

@@ -171,7 +171,14 @@ def test_concurrent_compatible_requests_share_one_pipeline_call(sd_dir):
     ]
     with DiffusersGenerator(sd_dir, device="cpu", batch_wait_s=0.5) as gen:
         results, _ = run_in_threads(gen, asks)
-        assert gen.counters == {"images_generated": 4, "batches": 1, "offloads": 0, "reloads": 0}
+        assert gen.counters == {
+            "images_generated": 4,
+            "batches": 1,
+            "stopped": 0,
+            "denoise_steps": len(gen.pipeline.scheduler.timesteps),  # one call's steps
+            "offloads": 0,
+            "reloads": 0,
+        }
     # the threads queued in some order; the batch equals the plain call in that order
     assert any(
         all(
@@ -277,7 +284,14 @@ def test_cancelling_one_request_of_a_batch_keeps_the_others(sd_dir):
     with DiffusersGenerator(sd_dir, device="cpu", batch_wait_s=0.3) as gen:
         count_denoiser_calls(gen, on_call=lambda n: drop.cancel.set() if n == 2 else None)
         results, errors = run_in_threads(gen, [keep, drop])
-        assert gen.counters == {"images_generated": 1, "batches": 1, "offloads": 0, "reloads": 0}
+        assert gen.counters == {
+            "images_generated": 1,
+            "batches": 1,
+            "stopped": 0,  # the call ran on for the request kept
+            "denoise_steps": len(gen.pipeline.scheduler.timesteps),
+            "offloads": 0,
+            "reloads": 0,
+        }
     assert set(results) == {0} and set(errors) == {1}
     # the batch ran on: keep's images are those of the plain call over both, in either order
     assert any(

@@ -102,7 +102,7 @@ def create_app(
 
     app.include_router(openai_router)
     owned = image_generator is None
-    generator = generator_from_config(config) if owned else image_generator
+    generator = generator_from_config(config, engine) if owned else image_generator
     app.state.images = None if generator is None else ImageService(generator, metrics, owned)
     app.include_router(images_router)
 

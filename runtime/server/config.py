@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from plait.multimodal.generation import SCHEDULER_NAMES
+
 if TYPE_CHECKING:
     from plait.multimodal.media import MediaPolicy
 
@@ -41,6 +43,11 @@ class ServerConfig:
     image_backend_model: str | None = None
     image_backend_api_key: str | None = None
     image_backend_timeout_s: float = 300.0
+    # The local pipeline's scheduler by name (None: its own), seconds idle before its
+    # weights leave the device (None: never), and the most images in one pipeline call.
+    image_scheduler: str | None = None
+    image_idle_offload_s: float | None = None
+    image_max_batch: int = 8
 
     def __post_init__(self) -> None:
         name = self.served_model_name
@@ -62,6 +69,17 @@ class ServerConfig:
             raise ValueError(
                 f"image_backend_timeout_s={self.image_backend_timeout_s!r}: must be > 0"
             )
+        if self.image_scheduler not in (None, *SCHEDULER_NAMES):
+            raise ValueError(
+                f"image_scheduler={self.image_scheduler!r}: known names: "
+                + ", ".join(SCHEDULER_NAMES)
+            )
+        if self.image_idle_offload_s is not None and not self.image_idle_offload_s >= 0:
+            raise ValueError(
+                f"image_idle_offload_s={self.image_idle_offload_s!r}: must be >= 0 or None"
+            )
+        if not (isinstance(self.image_max_batch, int) and self.image_max_batch >= 1):
+            raise ValueError(f"image_max_batch={self.image_max_batch!r}: must be at least 1")
 
     @functools.cached_property
     def media_policy(self) -> MediaPolicy:

@@ -43,6 +43,7 @@ from plait.runtime.server.errors import APIError, ClientDisconnected, JSONRespon
 if TYPE_CHECKING:
     from PIL import Image
 
+    from plait.runtime.engine import Engine
     from plait.runtime.server.config import ServerConfig
     from plait.runtime.server.metrics import Metrics
 
@@ -119,8 +120,9 @@ class ImageService:
             self.generator.close()
 
 
-def generator_from_config(config: ServerConfig) -> ImageGenerator | None:
-    """The generator ``--image-model`` / ``--image-backend`` name, or None."""
+def generator_from_config(config: ServerConfig, engine: Engine) -> ImageGenerator | None:
+    """The generator ``--image-model`` / ``--image-backend`` name, or None. A local
+    pipeline runs on the engine's device, in its dtype."""
     if config.image_backend is not None:
         from plait.multimodal.openai_images import OpenAIImagesGenerator
 
@@ -138,7 +140,14 @@ def generator_from_config(config: ServerConfig) -> ImageGenerator | None:
                 f"--image-model {config.image_model}: the diffusers backend cannot be loaded "
                 f"({e}); install it with: pip install 'plait[diffusion]'"
             ) from e
-        return DiffusersGenerator(str(pathlib.Path(config.image_model).expanduser()))
+        return DiffusersGenerator(
+            str(pathlib.Path(config.image_model).expanduser()),
+            device=engine.device,
+            dtype=engine.dtype,
+            scheduler=config.image_scheduler,
+            max_batch_images=config.image_max_batch,
+            idle_offload_s=config.image_idle_offload_s,
+        )
     return None
 
 

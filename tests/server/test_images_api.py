@@ -14,13 +14,16 @@ import hashlib
 import http.server
 import io
 import json
+import logging
 import threading
 import time
 
+import diffusers
 import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from common import MODEL, assert_error
 from fastapi.testclient import TestClient
 from http_server import free_port, running_server
@@ -29,6 +32,7 @@ from hypothesis import strategies as st
 from pictures import b64, picture, png
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from tiny_models import make_tiny_sd
 
 from plait.multimodal.generation import GenerationCancelled, ImageGenerationError, ImageRequest
 from plait.multimodal.openai_images import ImageBackendError, OpenAIImagesGenerator
@@ -538,6 +542,129 @@ def test_a_client_that_goes_away_cancels_the_generation(slow, slow_url, slow_cha
     assert httpx.get(url + "/health").status_code == 200
 
 
+# ---- a local pipeline: --image-model ---------------------------------------------------------
+
+IDLE_OFFLOAD_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> str:
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def local(engine, sd_dir):
+    """plait serving ``--image-model sd_dir --image-scheduler euler --image-idle-offload 1``:
+    its URL and the DiffusersGenerator the config built."""
+    config = ServerConfig(
+        served_model_name=MODEL,
+        image_model=sd_dir,
+        image_scheduler="euler",
+        image_idle_offload_s=IDLE_OFFLOAD_S,
+        image_max_batch=4,
+    )
+    app = create_app(engine, config)
+    with running_server(app) as url:
+        yield url, app.state.images.generator
+
+
+def plain_pictures(path: str, prompt: str, negative: str, n: int, seed: int, steps: int):
+    """A plain diffusers call with the Euler scheduler and CPU generators seed + i."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt=[prompt] * n,
+        negative_prompt=[negative] * n,
+        width=32,
+        height=32,
+        num_inference_steps=steps,
+        generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+    ).images
+
+
+def test_the_local_pipeline_runs_as_the_engine_does_and_equals_a_plain_call(engine, sd_dir, local):
+    url, gen = local
+    assert (gen.device, gen.dtype) == (engine.device, engine.dtype)
+    assert gen.max_batch_images == 4 and gen.idle_offload_s == IDLE_OFFLOAD_S
+    result = client(url).images.generate(
+        model=gen.name,
+        prompt="a red fox",
+        n=2,
+        size="32x32",
+        response_format="b64_json",
+        extra_body={"seed": 11, "num_inference_steps": 3, "negative_prompt": "blurry"},
+    )
+    want = plain_pictures(sd_dir, "a red fox", "blurry", n=2, seed=11, steps=3)
+    assert len(result.data) == 2
+    for item, plain in zip(result.data, want, strict=True):
+        np.testing.assert_array_equal(decoded(item.b64_json), pixels(plain))
+    assert type(gen.pipeline.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_a_client_that_goes_away_stops_the_denoising_loop(local):
+    url, gen = local
+    client(url).images.generate(prompt="warm up", extra_body={"num_inference_steps": 1})
+    before = dict(gen.counters)
+    steps = 200  # far more than run before the client goes away
+    body = {"prompt": "a slow fox", "size": "256x256", "num_inference_steps": steps}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/images/generations", json=body, timeout=1.0)
+    deadline = time.monotonic() + 30
+    while gen.counters["stopped"] == before["stopped"]:
+        assert time.monotonic() < deadline, gen.counters
+        time.sleep(0.05)
+    after = gen.counters
+    assert after["images_generated"] == before["images_generated"]
+    assert 0 < after["denoise_steps"] - before["denoise_steps"] < steps
+    assert metric(url, "plait_image_requests_total", {"status": "cancelled"}) >= 1
+    assert len(client(url).images.generate(prompt="a fox", n=2).data) == 2  # still serving
+
+
+def test_an_idle_local_pipeline_is_offloaded_and_comes_back_for_the_next_request(sd_dir, local):
+    url, gen = local
+    ask = {"seed": 5, "num_inference_steps": 2, "negative_prompt": "dark"}
+    first = client(url).images.generate(prompt="a blue whale", extra_body=ask).data[0]
+    deadline = time.monotonic() + IDLE_OFFLOAD_S + 10
+    while not gen.offloaded:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert gen.pipeline is None  # on a CPU the weights are released
+    reloads = gen.counters["reloads"]
+    again = client(url).images.generate(prompt="a blue whale", extra_body=ask).data[0]
+    assert gen.counters["reloads"] == reloads + 1
+    np.testing.assert_array_equal(decoded(again.b64_json), decoded(first.b64_json))
+    [want] = plain_pictures(sd_dir, "a blue whale", "dark", n=1, seed=5, steps=2)
+    np.testing.assert_array_equal(decoded(first.b64_json), pixels(want))
+
+
+@pytest.mark.parametrize(
+    "fields, param, words",
+    [
+        ({"size": "36x36"}, "size", "multiples of 8"),
+        ({"num_inference_steps": 0}, "num_inference_steps", "must be 1 to"),
+        ({"n": 9}, "n", "must be 1 to 8"),
+    ],
+    ids=["size-multiple", "steps", "n"],
+)
+def test_the_local_pipelines_limits_are_400s_naming_the_field(local, fields, param, words):
+    url, _ = local
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).images.generate(prompt="a fox", extra_body=fields)
+    assert e.value.param == param and words in e.value.body["message"]
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_prompt_past_the_text_encoders_limit_is_truncated_with_a_warning(local, caplog):
+    url, gen = local
+    prompt = " ".join(["a very long prompt about a fox"] * 40)
+    with caplog.at_level(logging.WARNING, logger="plait.multimodal.diffusers_backend"):
+        result = client(url).images.generate(prompt=prompt, extra_body={"seed": 1})
+    assert len(result.data) == 1
+    limit = gen.pipeline.tokenizer.model_max_length
+    assert any(f"the text encoder reads {limit}" in r.getMessage() for r in caplog.records)
+
+
 # ---- plait serve's flags ----------------------------------------------------------------------
 
 
@@ -555,8 +682,22 @@ def test_a_client_that_goes_away_cancels_the_generation(slow, slow_url, slow_cha
             ["--image-backend", "http://a", "--image-backend-timeout", "0"],
             "--image-backend-timeout",
         ),
+        (["--image-scheduler", "euler"], "--image-scheduler: needs --image-model DIR"),
+        (["--image-idle-offload", "5"], "--image-idle-offload: needs --image-model DIR"),
+        (["--image-model", ".", "--image-idle-offload", "-1"], "--image-idle-offload=-1.0"),
+        (["--image-model", ".", "--image-max-batch", "0"], "--image-max-batch=0: must be >= 1"),
     ],
-    ids=["model-dir", "backend-url", "model-alone", "both", "timeout"],
+    ids=[
+        "model-dir",
+        "backend-url",
+        "model-alone",
+        "both",
+        "timeout",
+        "scheduler-alone",
+        "offload-alone",
+        "offload",
+        "max-batch",
+    ],
 )
 def test_serve_checks_the_image_flags(flags, message):
     args = cli.build_parser().parse_args(["serve", *flags])
@@ -579,3 +720,35 @@ def test_serve_passes_the_image_flags_to_the_server(monkeypatch):
     assert (config.image_backend, config.image_backend_model) == ("http://127.0.0.1:9/v1", "sd")
     assert (config.image_backend_api_key, config.image_backend_timeout_s) == ("sk-1", 7.0)
     assert config.image_model is None
+
+
+def test_an_unknown_scheduler_name_is_refused_listing_the_known_ones(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["serve", "--image-model", ".", "--image-scheduler", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--image-scheduler: invalid choice: 'x'" in err and "dpm++_2m" in err
+    with pytest.raises(ValueError, match="image_scheduler='x': known names: default, euler"):
+        ServerConfig(image_model=".", image_scheduler="x")
+
+
+def test_the_scheduler_names_are_the_backends(sd_dir):
+    from plait.multimodal.diffusers_backend import SCHEDULERS
+    from plait.multimodal.generation import SCHEDULER_NAMES
+
+    assert ("default", *SCHEDULERS) == SCHEDULER_NAMES
+
+
+def test_serve_passes_the_local_pipeline_flags_to_the_server(monkeypatch, sd_dir):
+    import plait.runtime.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda **kw: seen.update(kw))
+    flags = ["--image-model", sd_dir, "--image-scheduler", "dpm++_2m"]
+    flags += ["--image-idle-offload", "30", "--image-max-batch", "2"]
+    args = cli.build_parser().parse_args(["serve", *flags])
+    cli.check_args(args)
+    assert args.func(args) == 0
+    config = seen["server"]
+    assert (config.image_model, config.image_scheduler) == (sd_dir, "dpm++_2m")
+    assert (config.image_idle_offload_s, config.image_max_batch) == (30.0, 2)
