@@ -20,9 +20,12 @@ plain call (``output_type="pil"`` gives the same pictures)::
          output_type="np")
 
 A batch equals the same call over the batch's prompts and generators, concatenated in
-queue order, so each request gets the same noise as alone; its images differ from the
+queue order, so each request gets the same noise as alone. Its images differ from the
 unbatched ones only by the rounding of kernels that depend on the batch size (oneDNN
-convolutions, GroupNorm: ~1e-6 in [0, 1]).
+convolutions, GEMM row tails, channels-last group norm: ~1e-6 in [0, 1]); with
+``batch_invariant=True`` those layers run sample by sample
+(:mod:`plait.multimodal.batch_invariant`) and a batched image equals its unbatched one
+bit for bit, at some cost in speed.
 
 Memory. After ``idle_offload_s`` seconds without requests the weights leave the
 accelerator for host memory (on a CPU they are released, and read again from the
@@ -46,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from plait.multimodal.batch_invariant import make_batch_invariant
 from plait.multimodal.generation import GenerationCancelled, ImageGenerationError, ImageRequest
 from plait.runtime.device import resolve_device, resolve_dtype
 
@@ -213,6 +217,7 @@ class DiffusersGenerator:
         idle_offload_s: float | None = None,
         model_cpu_offload: bool = False,
         sequential_cpu_offload: bool = False,
+        batch_invariant: bool = False,
     ):
         if max_batch_images < 1:
             raise ImageGenerationError("max_batch_images", max_batch_images, "must be at least 1")
@@ -226,6 +231,7 @@ class DiffusersGenerator:
         self.max_batch_images = max_batch_images
         self.batch_wait_s = batch_wait_s
         self.idle_offload_s = idle_offload_s
+        self.batch_invariant = batch_invariant
         on_accelerator = self.device.type != "cpu"
         if (model_cpu_offload or sequential_cpu_offload) and not on_accelerator:
             logger.warning(
@@ -383,6 +389,10 @@ class DiffusersGenerator:
             ) from e
         pipe.scheduler = make_scheduler(self.scheduler_name, pipe.scheduler)
         pipe.set_progress_bar_config(disable=True)
+        if self.batch_invariant:
+            for part in pipe.components.values():
+                if isinstance(part, torch.nn.Module):
+                    make_batch_invariant(part)
         if self.sequential_cpu_offload:
             pipe.enable_sequential_cpu_offload(device=self.device)
         elif self.model_cpu_offload:

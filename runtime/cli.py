@@ -212,8 +212,8 @@ def _check_image_args(a: argparse.Namespace) -> None:
         raise UsageError(f"--image-backend={a.image_backend}: not an http:// or https:// URL")
     _at_least(a, "image_backend_timeout", 0, strict=True)
     if a.image_model is None:
-        for flag in ("image_scheduler", "image_idle_offload"):
-            if getattr(a, flag) is not None:
+        for flag in ("image_scheduler", "image_idle_offload", "image_batch_invariant"):
+            if getattr(a, flag) not in (None, False):
                 raise UsageError(f"--{flag.replace('_', '-')}: needs --image-model DIR")
     _at_least(a, "image_idle_offload", 0)
     _at_least(a, "image_max_batch", 1)
@@ -297,6 +297,7 @@ def _serve(a: argparse.Namespace) -> int:
         image_scheduler=a.image_scheduler,
         image_idle_offload_s=a.image_idle_offload,
         image_max_batch=a.image_max_batch,
+        image_batch_invariant=a.image_batch_invariant,
     )
     serve(
         host=a.host,
@@ -487,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="the most images of concurrent requests drawn in one pipeline call",
+    )
+    i.add_argument(
+        "--image-batch-invariant",
+        action="store_true",
+        help="each image of a batched --image-model call equal, bit for bit, to its request "
+        "drawn alone (layers whose kernels round by batch size run sample by sample; slower)",
     )
     v.add_argument(
         "--max-top-logprobs-num",

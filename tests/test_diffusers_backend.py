@@ -37,6 +37,11 @@ def sd_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory) -> str:
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"), seed=0)
+
+
+@pytest.fixture(scope="module")
 def generator(sd_dir):
     with DiffusersGenerator(sd_dir, device="cpu") as gen:
         yield gen
@@ -202,6 +207,31 @@ def test_a_batched_request_equals_its_unbatched_call_up_to_rounding(sd_dir):
     for r, got in zip(asks, ours):
         want = plain_call(sd_dir, r.prompt, n=r.n, seed=r.seed)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_batch_invariant_mode_makes_a_batched_request_its_unbatched_call_bit_for_bit(
+    family, sd_dir, sd3_dir
+):
+    path, scheduler = (sd_dir, None) if family == "sd" else (sd3_dir, "flow_match")
+    asks = [
+        request("a red fox", seed=1, negative_prompt="dark"),
+        request("a blue whale", seed=2, n=2, negative_prompt="blurry"),
+        request("a green tree", seed=3, negative_prompt="dull"),
+    ]
+    options = dict(device="cpu", scheduler=scheduler, batch_invariant=True)
+    with DiffusersGenerator(path, batch_wait_s=0.3, **options) as gen:
+        batched = gen.generate_arrays(asks)
+        assert gen.counters["batches"] == 1
+    with DiffusersGenerator(path, max_batch_images=1, **options) as gen:
+        alone = [gen.generate_arrays([r])[0] for r in asks]
+        assert gen.counters["batches"] == 3  # each request in a call of its own
+    for got, want in zip(batched, alone, strict=True):
+        assert_same(got, want)
+    # the same images as the default mode, to rounding
+    with DiffusersGenerator(path, device="cpu", scheduler=scheduler) as gen:
+        for r, got in zip(asks, batched, strict=True):
+            np.testing.assert_allclose(got, gen.generate_arrays([r])[0], rtol=0, atol=1e-5)
 
 
 def test_incompatible_requests_run_in_separate_calls(sd_dir):
@@ -395,11 +425,6 @@ def test_flow_matching_pipelines_take_only_flow_schedulers():
 def test_without_a_seed_each_call_draws_a_new_one(generator):
     first, second = generator.generate_arrays([request(seed=None), request(seed=None)])
     assert not np.array_equal(first, second)
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory) -> str:
-    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"), seed=0)
 
 
 def test_a_flow_matching_transformer_pipeline(sd3_dir):

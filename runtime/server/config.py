@@ -48,6 +48,9 @@ class ServerConfig:
     image_scheduler: str | None = None
     image_idle_offload_s: float | None = None
     image_max_batch: int = 8
+    # Each batched image equal bit for bit to its request run alone (slower; see
+    # plait.multimodal.batch_invariant).
+    image_batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         name = self.served_model_name

@@ -147,6 +147,7 @@ def generator_from_config(config: ServerConfig, engine: Engine) -> ImageGenerato
             scheduler=config.image_scheduler,
             max_batch_images=config.image_max_batch,
             idle_offload_s=config.image_idle_offload_s,
+            batch_invariant=config.image_batch_invariant,
         )
     return None
 

@@ -684,6 +684,7 @@ def test_a_prompt_past_the_text_encoders_limit_is_truncated_with_a_warning(local
         ),
         (["--image-scheduler", "euler"], "--image-scheduler: needs --image-model DIR"),
         (["--image-idle-offload", "5"], "--image-idle-offload: needs --image-model DIR"),
+        (["--image-batch-invariant"], "--image-batch-invariant: needs --image-model DIR"),
         (["--image-model", ".", "--image-idle-offload", "-1"], "--image-idle-offload=-1.0"),
         (["--image-model", ".", "--image-max-batch", "0"], "--image-max-batch=0: must be >= 1"),
     ],
@@ -695,6 +696,7 @@ def test_a_prompt_past_the_text_encoders_limit_is_truncated_with_a_warning(local
         "timeout",
         "scheduler-alone",
         "offload-alone",
+        "invariant-alone",
         "offload",
         "max-batch",
     ],
@@ -745,10 +747,11 @@ def test_serve_passes_the_local_pipeline_flags_to_the_server(monkeypatch, sd_dir
     seen = {}
     monkeypatch.setattr(server, "serve", lambda **kw: seen.update(kw))
     flags = ["--image-model", sd_dir, "--image-scheduler", "dpm++_2m"]
-    flags += ["--image-idle-offload", "30", "--image-max-batch", "2"]
+    flags += ["--image-idle-offload", "30", "--image-max-batch", "2", "--image-batch-invariant"]
     args = cli.build_parser().parse_args(["serve", *flags])
     cli.check_args(args)
     assert args.func(args) == 0
     config = seen["server"]
     assert (config.image_model, config.image_scheduler) == (sd_dir, "dpm++_2m")
     assert (config.image_idle_offload_s, config.image_max_batch) == (30.0, 2)
+    assert config.image_batch_invariant is True
