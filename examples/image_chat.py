@@ -27,6 +27,7 @@ The image model is a diffusers text-to-image pipeline directory (``pip install -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import pathlib
 from collections.abc import Callable, Iterable, Iterator
@@ -112,11 +113,9 @@ def image_chat(
                 turn.image, turn.image_prompt = s[f"image_{i}"], s[f"image_{i}_prompt"]
                 drawn = s.get_meta_info(f"image_{i}")
                 turn.negative_prompt, turn.seed = drawn["negative_prompt"], drawn["seed"]
-                asked = s.get_meta_info(f"image_{i}_prompt")
-                turn.prompt_tokens, turn.cached_tokens = (
-                    asked["prompt_tokens"],
-                    asked["cached_tokens"],
-                )
+                asked = s.get_meta_info(f"image_{i}_prompt")  # the request for the prompt
+                turn.prompt_tokens = asked["prompt_tokens"]
+                turn.cached_tokens = asked["cached_tokens"]
                 if vision == SAME_MODEL:  # the next gen sees the image just appended
                     s += SEEN + pl.gen(f"description_{i}", max_tokens=max_tokens, stop="\n")
                     turn.description = s[f"description_{i}"]
@@ -158,6 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def typed_turns() -> Iterator[str]:
     """User turns from the keyboard, until an empty line or end of input."""
+    print(f"Type a message ({FORCE} ... to ask for a drawing); an empty line ends.")
     while True:
         try:
             text = input("you> ").strip()
@@ -199,17 +199,19 @@ def main(argv: list[str] | None = None) -> pl.ProgramState:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = {"device": args.device} if args.device else {}
-    engine = pl.Engine(model=args.model, **options)
-    painter = DiffusersGenerator(args.image_model, device=engine.device, dtype=engine.dtype)
-    vision, vision_engine = None, None
-    if args.vision_model is None:
-        print("no --vision-model: the assistant will not describe its drawings")
-    elif args.vision_model == args.model:
-        vision = SAME_MODEL
-    else:
-        vision = vision_engine = pl.Engine(model=args.vision_model, **options)
-    try:
-        state = image_chat.run(
+    with contextlib.ExitStack() as stack:  # closes what was opened, in reverse order
+        engine = stack.enter_context(pl.Engine(model=args.model, **options))
+        painter = stack.enter_context(
+            DiffusersGenerator(args.image_model, device=engine.device, dtype=engine.dtype)
+        )
+        vision = None
+        if args.vision_model is None:
+            print("no --vision-model: the assistant will not describe its drawings")
+        elif args.vision_model == args.model:
+            vision = SAME_MODEL
+        else:
+            vision = stack.enter_context(pl.Engine(model=args.vision_model, **options))
+        return image_chat.run(
             turns=args.say if args.say else typed_turns(),
             vision=vision,
             first_seed=args.seed,
@@ -222,12 +224,6 @@ def main(argv: list[str] | None = None) -> pl.ProgramState:
             generator=painter,
             temperature=args.temperature,
         )
-        return state
-    finally:
-        painter.close()
-        engine.shutdown()
-        if vision_engine is not None:
-            vision_engine.shutdown()
 
 
 if __name__ == "__main__":

@@ -84,15 +84,20 @@ def check_decisions(state) -> list:
     return turns
 
 
-def check_saved_image(turn, painter, out) -> None:
-    """The file holds the pipeline's default size and the generator's own image for the
-    prompt and seed the example reports."""
+def check_saved_image(turn, painter, out, size=None, first_seed=0) -> None:
+    """The file holds an image of the pipeline's default size (or ``size``), the
+    generator's own image for the prompt and seed the example reports."""
     assert turn.path == str(out / f"turn{turn.index + 1}.png")
     saved = Image.open(turn.path)
-    assert saved.size == painter.facts.default_size == (32, 32)
-    assert turn.seed == turn.index  # --seed 0: turn i draws with seed i
+    assert saved.size == (size or painter.facts.default_size)
+    assert painter.facts.default_size == (32, 32)
+    assert turn.seed == first_seed + turn.index  # turn i draws with seed --seed + i
     request = ImageRequest(
-        turn.image_prompt, negative_prompt=turn.negative_prompt, seed=turn.seed, steps=STEPS
+        turn.image_prompt,
+        negative_prompt=turn.negative_prompt,
+        seed=turn.seed,
+        steps=STEPS,
+        size=size,
     )
     (expected,) = painter.generate([request])[0]
     assert np.array_equal(pixels(saved), pixels(expected))
@@ -187,14 +192,16 @@ def test_a_vision_model_describes_its_own_drawing_in_the_same_turn(
     assert np.array_equal(pixels(decoded(drawing["content"][1])), pixels(turn.image))
 
 
-def test_typed_turns_and_no_vision_model(
+def test_typed_turns_a_size_and_no_vision_model(
     image_chat, llama_dir, sd_dir, painter, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(SAID) + "\n\nnot read\n"))
-    state = image_chat.main(arguments(llama_dir, sd_dir, tmp_path))
+    state = image_chat.main(
+        arguments(llama_dir, sd_dir, tmp_path, "--size", "48x32", "--seed", "5")
+    )
     turns = check_decisions(state)  # the empty line ended the chat
     turn = turns[-1]
-    check_saved_image(turn, painter, tmp_path)
+    check_saved_image(turn, painter, tmp_path, size=(48, 32), first_seed=5)
     assert turn.description is None and turn.seen is None
     assert [p["type"] for p in state.messages()[-1]["content"]] == ["text", "image_url"]
     assert "What I drew" not in state.text()
