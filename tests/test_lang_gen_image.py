@@ -270,10 +270,17 @@ def test_run_batch_draws_per_run(engine, generator, pipeline):
         assert same_picture(state["pic"], pipeline_image(pipeline, f"a painting of {subject}", 11))
 
 
-def test_the_call_beats_the_run_which_beats_the_default(engine, sd_dir, pipeline):
-    default, per_run, per_call = (
-        DiffusersGenerator(sd_dir, name=n, device="cpu") for n in ("d", "r", "c")
-    )
+@pytest.fixture
+def three_generators(sd_dir):
+    """Three diffusers backends on the tiny pipeline, named d, r and c."""
+    generators = [DiffusersGenerator(sd_dir, name=n, device="cpu") for n in ("d", "r", "c")]
+    yield generators
+    for g in generators:
+        g.close()
+
+
+def test_the_call_beats_the_run_which_beats_the_default(engine, three_generators, pipeline):
+    default, per_run, per_call = three_generators
 
     @pl.function
     def draw(s, painter=None):
@@ -288,12 +295,9 @@ def test_the_call_beats_the_run_which_beats_the_default(engine, sd_dir, pipeline
         draw.run(painter=per_call, backend=engine, generator=per_run),
     ]
     assert [s.get_meta_info("pic")["generator"] for s in states] == ["d", "r", "c"]
-    generators = (default, per_run, per_call)
-    assert [g.counters["images_generated"] for g in generators] == [1, 1, 1]
+    assert [g.counters["images_generated"] for g in three_generators] == [1, 1, 1]
     for state in states:  # the same directory: the same picture whichever drew it
         assert same_picture(state["pic"], pipeline_image(pipeline, "a hill", 1))
-    for g in generators:
-        g.close()
 
 
 class WaitsForCancel:
