@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import pathlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> pl.ProgramState:
         vision = None
         if args.vision_model is None:
             print("no --vision-model: the assistant will not describe its drawings")
-        elif args.vision_model == args.model:
+        elif os.path.realpath(args.vision_model) == os.path.realpath(args.model):
             vision = SAME_MODEL
         else:
             vision = stack.enter_context(pl.Engine(model=args.vision_model, **options))
