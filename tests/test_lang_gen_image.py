@@ -1,4 +1,5 @@
-"""``pl.gen_image``: a program draws with a real (tiny, random) diffusers pipeline.
+"""``pl.gen_image``: a program draws with a real (tiny, random) diffusers pipeline, through
+plait's diffusers backend (``DiffusersGenerator``).
 
 With a prompt, the image is the pipeline's own output for that prompt and seed.
 Without, the model writes ``{"prompt", "negative_prompt"}`` in a side request that
@@ -25,7 +26,8 @@ from tiny_models import make_tiny_sd
 
 import plait as pl
 from plait.drawing import PROMPT_INSTRUCTION, PROMPT_SCHEMA, prompt_request_text
-from plait.multimodal.generation import GenerationCancelled, ImageGenerationError, ImageRequest
+from plait.multimodal.diffusers_backend import DiffusersGenerator
+from plait.multimodal.generation import GenerationCancelled, ImageGenerationError
 from plait.runtime.errors import RequestError
 from plait.runtime.server import ServerConfig, create_app
 
@@ -37,12 +39,16 @@ SIDE = 32  # pixels: the tiny pipeline's default image (tiny_models.make_tiny_sd
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def sd_dir(tmp_path_factory) -> str:
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(sd_dir):
     """The tiny pipeline, loaded back from its directory as diffusers loads any."""
     from diffusers import StableDiffusionPipeline
 
-    path = make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
-    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -59,43 +65,14 @@ def pipeline_image(pipe, prompt: str, seed: int, negative_prompt: str | None = N
     ).images[0]
 
 
-class PipelineGenerator:
-    """An ImageGenerator over a diffusers pipeline, one request at a time (a pipeline
-    call is not thread-safe)."""
-
-    def __init__(self, pipe, name: str = "tiny-sd"):
-        self.pipe, self.name = pipe, name
-        self.lock = threading.Lock()
-        self.requests: list[ImageRequest] = []
-
-    def generate(self, requests: list[ImageRequest]) -> list[list[Image.Image]]:
-        import torch
-
-        out = []
-        for r in requests:
-            with self.lock:
-                self.requests.append(r)
-                kwargs = {"width": r.size[0], "height": r.size[1]} if r.size else {}
-                if r.guidance is not None:
-                    kwargs["guidance_scale"] = r.guidance
-                result = self.pipe(
-                    r.prompt,
-                    negative_prompt=r.negative_prompt,
-                    num_inference_steps=r.steps or STEPS,
-                    num_images_per_prompt=r.n,
-                    generator=torch.Generator().manual_seed(r.seed or 0),
-                    **kwargs,
-                )
-            out.append(result.images)
-        return out
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def generator(pipeline):
-    return PipelineGenerator(pipeline)
+def generator(sd_dir):
+    """plait's diffusers backend on the same directory (what ``plait serve --image-model``
+    and examples/image_chat.py use), one request per pipeline call: concurrent drawings
+    (fork branches, run_batch) then each equal their own plain call bit for bit (batched
+    calls differ by kernel rounding; tests/test_diffusers_backend.py covers them)."""
+    with DiffusersGenerator(sd_dir, name="tiny-sd", device="cpu", max_batch_images=1) as gen:
+        yield gen
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +124,13 @@ def test_size_negative_prompt_and_guidance_reach_the_pipeline(engine, generator,
         s += pl.user("Draw a wide one.")
         with s.assistant():
             s += "Here:" + pl.gen_image(
-                "pic", "a long train", size="48x32", negative_prompt="blur", guidance=3.0, seed=4
+                "pic",
+                "a long train",
+                size="48x32",
+                negative_prompt="blur",
+                guidance=3.0,
+                seed=4,
+                steps=STEPS,
             )
 
     state = wide.run(backend=engine, generator=generator)
@@ -256,7 +239,7 @@ def test_a_branch_finds_the_whole_conversation_cached(engine, generator, pipelin
 def branches(s):
     s += pl.user("Draw two animals.")
     forks = s.fork(2)
-    forks += lambda i: pl.assistant(pl.gen_image("pic", ("a cat", "a dog")[i], seed=7))
+    forks += lambda i: pl.assistant(pl.gen_image("pic", ("a cat", "a dog")[i], seed=7, steps=STEPS))
     s["drawn"] = [(f["pic"], f["pic_prompt"], f.messages()[-1]) for f in forks]
     s["parent_has_pic"] = "pic" in s
 
@@ -276,7 +259,7 @@ def test_fork_branches_draw_separately(engine, generator, pipeline):
 @pl.function
 def draw_subject(s, subject):
     s += pl.user(f"Draw {subject}.")
-    s += pl.assistant(pl.gen_image("pic", f"a painting of {subject}", seed=11))
+    s += pl.assistant(pl.gen_image("pic", f"a painting of {subject}", seed=11, steps=STEPS))
 
 
 def test_run_batch_draws_per_run(engine, generator, pipeline):
@@ -287,25 +270,34 @@ def test_run_batch_draws_per_run(engine, generator, pipeline):
         assert same_picture(state["pic"], pipeline_image(pipeline, f"a painting of {subject}", 11))
 
 
-def test_the_call_beats_the_run_which_beats_the_default(engine, pipeline):
-    default, per_run, per_call = (PipelineGenerator(pipeline, n) for n in ("d", "r", "c"))
+@pytest.fixture
+def three_generators(sd_dir):
+    """Three diffusers backends on the tiny pipeline, named d, r and c."""
+    generators = [DiffusersGenerator(sd_dir, name=n, device="cpu") for n in ("d", "r", "c")]
+    yield generators
+    for g in generators:
+        g.close()
+
+
+def test_the_call_beats_the_run_which_beats_the_default(engine, three_generators, pipeline):
+    default, per_run, per_call = three_generators
 
     @pl.function
     def draw(s, painter=None):
         s += pl.user("Draw.")
-        s += pl.assistant(pl.gen_image("pic", "a hill", seed=1, generator=painter))
+        s += pl.assistant(pl.gen_image("pic", "a hill", seed=1, steps=STEPS, generator=painter))
 
     pl.set_default_generator(default)
     assert pl.get_default_generator() is default
-    used = [
-        draw.run(backend=engine).get_meta_info("pic")["generator"],
-        draw.run(backend=engine, generator=per_run).get_meta_info("pic")["generator"],
-        draw.run(painter=per_call, backend=engine, generator=per_run).get_meta_info("pic")[
-            "generator"
-        ],
+    states = [
+        draw.run(backend=engine),
+        draw.run(backend=engine, generator=per_run),
+        draw.run(painter=per_call, backend=engine, generator=per_run),
     ]
-    assert used == ["d", "r", "c"]
-    assert [len(g.requests) for g in (default, per_run, per_call)] == [1, 1, 1]
+    assert [s.get_meta_info("pic")["generator"] for s in states] == ["d", "r", "c"]
+    assert [g.counters["images_generated"] for g in three_generators] == [1, 1, 1]
+    for state in states:  # the same directory: the same picture whichever drew it
+        assert same_picture(state["pic"], pipeline_image(pipeline, "a hill", 1))
 
 
 class WaitsForCancel:
