@@ -44,7 +44,7 @@ from typing import Any
 from plait.runtime.server.tool_parser import HERMES, LLAMA, MISTRAL, CallSyntax
 
 # The layout of a call: what json.dumps (and a template's tojson) writes.
-_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,17 @@ class CallFormat:
         """The JSON schema of a reply that is only calls, each matching ``call``
         (``several``: more than one may come, if the format allows it)."""
         several = several and self.several
-        if not (several or self.array):
-            return call
-        return {"type": "array", "items": call, "minItems": 1} | (
-            {} if several else {"maxItems": 1}
-        )
+        if several or self.array:
+            call = {"type": "array", "items": call, "minItems": 1}
+            if not several:
+                call["maxItems"] = 1
+        return {**call, "x-guidance": LAYOUT}
 
     def auto_grammar(self, call: dict[str, Any], parallel: bool) -> str:
         """The Lark grammar of a reply that is text or calls, each of which matches the
         JSON schema ``call`` (more than one only if ``parallel``)."""
         more = parallel and self.several
-        rules = [f"call: %json {json.dumps({**call, 'x-guidance': _LAYOUT})}"]
+        rules = [f"call: %json {json.dumps({**call, 'x-guidance': LAYOUT})}"]
         if self.syntax.closer:  # each call in its tags, one per line
             body = f'"\\n" call "\\n" {self.closer}'
             calls = f'{body} ("\\n" {self.opener} {body})*' if more else body
