@@ -83,16 +83,28 @@ class CallFormat:
             calls = '" "? "[" call (", " call)* "]"' if more else '" "? "[" call "]"'
         else:  # the reply is the call, after an optional opener
             calls = "call"
-        if not self.syntax.text_first:  # text may not open as a call does: with "{"
+        # Text never holds a special token, nor its text spelled out: the parser would
+        # take that for the marker.
+        spelled = _literal(self.syntax.opener)
+        if not self.syntax.text_first:  # text may not open as a call does
             start = f"TEXT | {calls} | {self.opener} {calls}" if self.opener else f"TEXT | {calls}"
-            rules.append("TEXT: /(\\s*[^\\s{](.|\\n)*)?/")
-        elif self.opener.startswith("<["):  # text never holds a special token
+            text = "/(\\s*[^\\s{](.|\\n)*)?/"
+            rules.append(
+                f"TEXT: {text} & ~/\\s*{spelled}(.|\\n)*/" if self.opener else f"TEXT: {text}"
+            )
+        elif self.opener.startswith("<["):
             start = f"TEXT | TEXT {self.opener} {calls}"
-            rules.append("TEXT: /(.|\\n)*/")
+            rules.append(f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{spelled}(.|\\n)*/")
         else:  # text up to the first opener, which ends it (a lazy lexeme)
             start = f"TEXT | head {calls}"
             rules += [f"head[lazy]: TEXT {self.opener}", "TEXT: /(.|\\n)*/"]
         return "\n".join(["%llguidance {}", f"start: {start}", *rules]) + "\n"
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regular expression (each sign by its code, which Lark's regex
+    literals take however they treat the sign itself)."""
+    return "".join(c if c.isalnum() else f"\\x{{{ord(c):x}}}" for c in text)
 
 
 def _marker(tokenizer: Any, text: str) -> str:

@@ -14,6 +14,7 @@ template as the template writes them (Llama's ipython turn, Mistral's
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, NamedTuple
@@ -24,13 +25,22 @@ import pytest
 import transformers
 from common import GREEDY, MODEL
 from fastapi.testclient import TestClient
-from tiny_models import CHAT_TEMPLATE, make_tiny_model
+from tiny_models import CHAT_TEMPLATE, make_tiny_model, make_tokenizer
 
 import plait
+from plait.runtime.constrained.llguidance_backend import LlguidanceBackend
+from plait.runtime.constrained.spec import GrammarSpec
+from plait.runtime.constrained.vocab import TokenizerInfo
 from plait.runtime.server import ServerConfig, create_app
 from plait.runtime.server.tool_formats import call_format, detect, short_id
 from plait.runtime.server.tool_parser import LLAMA, MISTRAL, CallParser
-from plait.runtime.server.tools import add_constraint, assistant_message, plan_tools, render
+from plait.runtime.server.tools import (
+    ToolPlan,
+    add_constraint,
+    assistant_message,
+    plan_tools,
+    render,
+)
 
 # Llama 3.1's tool template (meta-llama/Llama-3.1-8B-Instruct), without the built-in
 # tools (brave_search, wolfram_alpha, code_interpreter): custom tools go into the first
@@ -271,7 +281,7 @@ TOOLS = [WEATHER, DRAW]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "draw_image"}}
-# The tools take some 1000 tokens of the tiny tokenizer's prompt: a longer context.
+# Llama's template shows the tools in some 1300 tokens of the tiny tokenizer: a longer context.
 CONTEXT = 4096
 
 # family -> (tokens, bos, eos, template, the marker that opens a call, architecture)
@@ -406,7 +416,7 @@ def test_the_form_is_read_from_the_template(family):
     assert fmt.keeps_special_tokens
 
 
-def test_other_templates():
+def test_other_templates_forms():
     """Llama 4's template (shipped with transformers) writes Llama's call object; a
     template without tools, or with <tool_call> tags, keeps the tags."""
     from transformers.models.llama4 import processing_llama4
@@ -415,6 +425,74 @@ def test_other_templates():
     assert (llama4.name, llama4.syntax.key, llama4.syntax.opener) == ("llama", "parameters", "")
     assert detect(CHAT_TEMPLATE, None).syntax.opener == "<tool_call>"
     assert detect("{{ '<tool_call>' }}", None).name == "hermes"
+
+
+def auto_matcher(tokenizer, grammar: str):
+    """A fresh matcher factory for ``grammar`` over ``tokenizer``."""
+    info = TokenizerInfo.from_hf(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    return LlguidanceBackend(info).compile(GrammarSpec("ebnf", grammar)).matcher
+
+
+def accepts(new_matcher, ids: list[int]) -> bool:
+    """Whether the grammar takes each of ``ids`` in turn and may end there."""
+    m = new_matcher()
+    return all(m.accept(t) for t in ids) and m.can_stop()
+
+
+def spelled_out(tokenizer, text: str) -> list[int]:
+    """``text`` in ordinary tokens, one character at a time (never a special token)."""
+    return [t for ch in text for t in tokenizer.encode(ch, add_special_tokens=False)]
+
+
+def test_text_never_spells_out_the_marker(family):
+    """Under auto, a call opens with the marker's special token; text that spells the
+    marker out in ordinary tokens is refused, as the parser would read a call there."""
+    tokenizer = family.engine.tokenizer
+    new_matcher = auto_matcher(
+        tokenizer, plan_tools(TOOLS, "auto", None, family.engine).constraint()["ebnf"]
+    )
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    marker = tokenizer.convert_tokens_to_ids(family.marker)
+    if family.name == "llama":
+        lead, call = "", '{"name": "get_weather", "parameters": {"city": "Rome"}}'
+    else:
+        lead, call = "Sure.", '[{"name": "get_weather", "arguments": {"city": "Rome"}}]'
+    assert accepts(new_matcher, encode(lead) + [marker] + encode(call))
+    assert accepts(new_matcher, encode(lead + " the " + family.marker[:-1]))
+    assert not accepts(
+        new_matcher, encode(lead) + spelled_out(tokenizer, family.marker) + encode(call)
+    )
+    m = new_matcher()
+    assert not all(m.accept(t) for t in encode(lead) + spelled_out(tokenizer, family.marker))
+
+
+def test_hermes_tags_held_as_special_tokens(tmp_path):
+    """A tokenizer that holds <tool_call> and </tool_call> as special tokens: the grammar
+    takes them by id, the output keeps them, and the parser reads the call."""
+    tokenizer = make_tokenizer(tmp_path)
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=True)
+    opener, closer = tokenizer.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    fmt = detect("{{ '<tool_call>' }}", tokenizer)
+    assert (fmt.opener, fmt.closer, fmt.keeps_special_tokens) == (
+        f"<[{opener}]>",
+        f"<[{closer}]>",
+        True,
+    )
+    plan = ToolPlan(plan_tools(TOOLS, "auto", None).tools, "auto", format=fmt)
+    new_matcher = auto_matcher(tokenizer, plan.constraint()["ebnf"])
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    ids = encode("Sure.") + [opener] + encode("\n" + call + "\n") + [closer]
+    assert accepts(new_matcher, ids)
+    assert not accepts(new_matcher, encode("Sure.") + spelled_out(tokenizer, "<tool_call>"))
+    params: dict = {}
+    add_constraint(plan, params)
+    assert params["skip_special_tokens"] is False
+    message, called = assistant_message(plan, tokenizer.decode(ids, skip_special_tokens=False))
+    assert called and message["content"] == "Sure."
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [
+        ("get_weather", '{"city": "Oslo"}')
+    ]
 
 
 # ---- tool_choice ------------------------------------------------------------------------------
