@@ -416,15 +416,23 @@ def test_the_form_is_read_from_the_template(family):
     assert fmt.keeps_special_tokens
 
 
-def test_other_templates_forms():
-    """Llama 4's template (shipped with transformers) writes Llama's call object; a
-    template without tools, or with <tool_call> tags, keeps the tags."""
+def test_other_templates_forms(tmp_path):
+    """Llama 4's template (shipped with transformers) teaches Llama's call object; with
+    no <|python_tag|> token the reply is the call or text that does not open with "{".
+    A template without tools, or with <tool_call> tags, keeps the tags."""
     from transformers.models.llama4 import processing_llama4
 
-    llama4 = detect(processing_llama4.chat_template, None)
+    tokenizer = make_tokenizer(tmp_path)
+    llama4 = detect(processing_llama4.chat_template, tokenizer)
     assert (llama4.name, llama4.syntax.key, llama4.syntax.opener) == ("llama", "parameters", "")
-    assert detect(CHAT_TEMPLATE, None).syntax.opener == "<tool_call>"
-    assert detect("{{ '<tool_call>' }}", None).name == "hermes"
+    plan = ToolPlan(plan_tools(TOOLS, "auto", None).tools, "auto", format=llama4)
+    new_matcher = auto_matcher(tokenizer, plan.constraint()["ebnf"])
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    assert accepts(new_matcher, encode('{"name": "get_weather", "parameters": {"city": "Rome"}}'))
+    assert accepts(new_matcher, encode("Hello {there}"))
+    assert not accepts(new_matcher, encode('{"city": "Rome"}'))
+    assert detect(CHAT_TEMPLATE, tokenizer).syntax.opener == "<tool_call>"
+    assert detect("{{ '<tool_call>' }}", tokenizer).name == "hermes"
 
 
 def auto_matcher(tokenizer, grammar: str):
