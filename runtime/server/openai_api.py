@@ -255,7 +255,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     _check_model(request, body.model)
     engine = _engine(request)
     config = request.app.state.config
-    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, engine)
     messages, sources = _chat_messages(body, engine, config.served_model_name)
     messages = with_tool_fields(body.messages, messages)
     image_token = engine.chat_template.image_token

@@ -1,9 +1,17 @@
 """Reading a tool-calling output into content and ``tool_calls``, piece by piece.
 
-Two forms (runtime/server/tools.py chooses one per request and constrains the output
-to it): *tagged* -- text, then calls each inside ``<tool_call>`` ... ``</tool_call>``;
-and *JSON* -- one call object, or an array of them. A call is ``{"name": ...,
-"arguments": ...}`` with its keys in that order.
+A :class:`CallSyntax` says how a model family writes its calls (tool_formats.py picks
+one from the chat template, and constrains the output to it):
+
+* with a ``closer``, each call sits between the opener and the closer, text before
+  them (Hermes / Qwen: ``<tool_call>`` ... ``</tool_call>``);
+* without one, the opener is followed by one call or a JSON array of calls (Mistral:
+  ``[TOOL_CALLS][{...}, {...}]``);
+* with ``text_first`` off, the reply either opens with a call -- ``{`` or the opener,
+  which is then optional -- or is text throughout (Llama: ``<|python_tag|>{...}``).
+
+A call is ``{"name": ..., <key>: ...}`` with its keys in that order, ``key`` being
+``"arguments"`` or Llama's ``"parameters"``.
 
 :class:`CallParser` gives OpenAI's streaming deltas as the text arrives; run over a
 whole output, the same parser gives the message, so streamed and whole responses
@@ -18,11 +26,30 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+@dataclass(frozen=True)
+class CallSyntax:
+    opener: str  # the text that opens the calls
+    closer: str = ""  # the text that closes each call; "" when the opener opens them all
+    key: str = "arguments"  # the key of a call's arguments
+    text_first: bool = True  # text may come before the calls (else: a call or text only)
+    short_ids: bool = False  # call ids of 9 letters and digits (Mistral's templates)
+
+    def head(self) -> re.Pattern:
+        """A call's opening up to its arguments: ``{"name": "...", "<key>":``."""
+        return re.compile(
+            r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"' + re.escape(self.key) + r'"\s*:\s*'
+        )
 
 
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+HERMES = CallSyntax("<tool_call>", "</tool_call>")
+LLAMA = CallSyntax("<|python_tag|>", key="parameters", text_first=False)
+MISTRAL = CallSyntax("[TOOL_CALLS]", short_ids=True)
+OPEN, CLOSE = HERMES.opener, HERMES.closer
+
+
+def new_call_id(short: bool = False) -> str:
+    return uuid.uuid4().hex[:9] if short else f"call_{uuid.uuid4().hex[:24]}"
 
 
 @dataclass
@@ -40,34 +67,34 @@ class Call:
         }
 
 
-# A call's opening up to its arguments: {"name": "...", "arguments":
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
-
-
 class CallParser:
     """Reads one output into content and calls, piece by piece.
 
     ``feed(text)`` and ``finish()`` return OpenAI deltas: ``{"content": ...}``, or
     ``{"tool_calls": [{"index", "id", "type", "function": {"name", "arguments": ""}}]}``
     when a call's name is known, then ``{"tool_calls": [{"index", "function":
-    {"arguments": piece}}]}`` as its arguments come. In tagged output, text that may
-    be the start of an opening tag (and whitespace before it) is held back until it
-    is known not to be one; the content ends without the whitespace before a call.
+    {"arguments": piece}}]}`` as its arguments come. Text that may be the start of an
+    opener (and whitespace before it) is held back until it is known not to be one;
+    the content ends without the whitespace before a call. Output that leaves the
+    syntax stays content. ``calls_only``: the output is one call or a JSON array of
+    them, in the syntax's key, without its markers.
     """
 
-    def __init__(self, tagged: bool):
-        self.tagged = tagged
+    def __init__(self, syntax: CallSyntax = HERMES, calls_only: bool = False):
+        self.syntax = syntax
+        self._bare = calls_only  # the output is only calls, as JSON without markers
         self.content = ""
         self.calls: list[Call] = []
+        self._head = syntax.head()
         self._buf = ""
-        self._state = "text" if tagged else "start"
-        self._array = False  # JSON form: the calls are in an array
+        self._state = "open" if calls_only else "text" if syntax.text_first else "lead"
+        self._array = False  # the calls are in a JSON array
         self._value: _ValueEnd | None = None
 
     @property
     def complete(self) -> bool:
         """Every call begun was finished (an output cut mid-call is not)."""
-        return self._state in ("text", "end") and all(c.done for c in self.calls)
+        return self._state in ("text", "lead", "plain", "end") and all(c.done for c in self.calls)
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         self._buf += text
@@ -79,7 +106,7 @@ class CallParser:
     def finish(self) -> list[dict[str, Any]]:
         """The deltas of what was held back, once the output has ended."""
         out: list[dict[str, Any]] = []
-        if self._state in ("text", "junk", "start", "call"):  # no call is open
+        if self._state in ("text", "lead", "plain", "junk", "open", "call"):  # no call open
             self._say(self._buf.rstrip() if self.calls else self._buf, out)
             self._buf = ""
         return merged(out)
@@ -91,33 +118,47 @@ class CallParser:
 
     def _step(self, out: list[dict[str, Any]]) -> bool:
         """Consume what the buffer allows in the current state; True to go on."""
-        buf, state = self._buf, self._state
+        buf, state, opener = self._buf, self._state, self.syntax.opener
         if state == "text":
-            at = buf.find(OPEN)
+            at = buf.find(opener)
             if at < 0:
-                safe = _held_back(buf)
+                safe = _held_back(buf, opener)
                 self._say(buf[:safe], out)
                 self._buf = buf[safe:]
                 return False
             self._say(buf[:at].rstrip(), out)
-            self._buf, self._state = buf[at + len(OPEN) :], "call"
+            self._buf = buf[at + len(opener) :]
+            self._state = "call" if self.syntax.closer else "open"
             return True
-        if state == "junk":  # not the expected form: it stays text
+        if state in ("plain", "junk"):  # text throughout, or not the expected form
             self._say(buf, out)
             self._buf = ""
             return False
         rest = buf.lstrip()
-        if state in ("start", "between", "end", "call_end", "close") and not rest:
+        if not rest and state != "args":
             return False
-        if state == "start":
+        if state == "lead":  # a call opens the reply, or it is text
+            if rest[0] == "{":
+                self._buf, self._state = rest, "call"
+            elif opener and rest.startswith(opener):
+                self._buf, self._state = rest[len(opener) :], "open"
+            elif opener.startswith(rest):
+                return False
+            else:
+                self._state = "plain"
+            return True
+        if state == "open":  # after an opener without closer: a call or an array of them
             self._array = rest[0] == "["
             self._buf, self._state = rest[1:] if self._array else rest, "call"
             return True
         if state == "call":
-            head = _HEAD.match(buf)
+            head = self._head.match(buf)
             if head is None:
-                return False  # an unfinished head (the grammar allows only calls here)
-            call = Call(new_call_id(), json.loads(head.group(1)))
+                if rest[0] != "{":
+                    self._buf, self._state = rest, "junk"
+                    return True
+                return False  # an unfinished head
+            call = Call(new_call_id(self.syntax.short_ids), json.loads(head.group(1)))
             self.calls.append(call)
             out.append(_delta(len(self.calls) - 1, id=call.id, name=call.name))
             self._buf, self._state, self._value = buf[head.end() :], "args", _ValueEnd()
@@ -139,13 +180,15 @@ class CallParser:
                 return True
             self.calls[-1].done = True
             self._buf = rest[1:]
-            self._state = "close" if self.tagged else ("between" if self._array else "end")
+            tagged = self.syntax.closer and not self._bare
+            self._state = "close" if tagged else "between" if self._array else "end"
             return True
         if state == "close":
-            if rest.startswith(CLOSE):
-                self._buf, self._state = rest[len(CLOSE) :], "text"
+            closer = self.syntax.closer
+            if rest.startswith(closer):
+                self._buf, self._state = rest[len(closer) :], "text"
                 return True
-            if CLOSE.startswith(rest):
+            if closer.startswith(rest):
                 return False
             self._buf, self._state = rest, "junk"
             return True
@@ -156,12 +199,12 @@ class CallParser:
         return True
 
 
-def _held_back(text: str) -> int:
-    """Where the text that may still become an opening tag starts: the longest end of
-    ``text`` that begins the tag, with the whitespace before it."""
+def _held_back(text: str, opener: str) -> int:
+    """Where the text that may still become ``opener`` starts: the longest end of
+    ``text`` that begins it, with the whitespace before it."""
     end = len(text)
-    for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if text.endswith(OPEN[:n]):
+    for n in range(min(len(opener) - 1, len(text)), 0, -1):
+        if text.endswith(opener[:n]):
             end -= n
             break
     while end and text[end - 1].isspace():

@@ -8,32 +8,29 @@ against its tool's schema, and read back from the output as ``tool_calls``.
 
 Prompt. A chat template that renders ``tools`` itself gets them, with the
 conversation's assistant ``tool_calls`` and ``role: "tool"`` results, as
-transformers passes them. For a template that does not, a system preamble lists
-the tools and the call format, an assistant's calls are written into its text, and
-tool results come back as a user turn inside ``<tool_response>`` tags.
+transformers passes them (Llama's templates show a result as an ``ipython`` turn,
+Mistral's inside ``[TOOL_RESULTS]``). For a template that does not, a system
+preamble lists the tools and the call format, an assistant's calls are written into
+its text, and tool results come back as a user turn inside ``<tool_response>`` tags.
 
-Output, by ``tool_choice``:
+Output. Calls are written in the form the model's template teaches -- Hermes' /
+Qwen's ``<tool_call>`` tags, Llama's ``{"name", "parameters"}`` object, Mistral's
+``[TOOL_CALLS]`` array (tool_formats.py detects it; a template without tools gets the
+tags) -- under a Lark grammar by ``tool_choice``:
 
-* ``"auto"`` (the default with tools): text, or calls in the wrapper that Qwen's and
-  Hermes' templates use::
-
-      <tool_call>
-      {"name": "get_weather", "arguments": {"city": "Paris"}}
-      </tool_call>
-
-  A Lark grammar lets any text through until the opening tag (a lazy lexeme), and
-  from there only a call valid against one of the tools (more calls follow only with
-  ``parallel_tool_calls``);
-* ``"required"``: a JSON array of calls ``{"name", "arguments"}``, each valid against
-  its tool (a single call without ``parallel_tool_calls``);
-* a named function: one JSON call to it;
+* ``"auto"`` (the default with tools): text, or calls. The grammar lets text through
+  until a call opens, and from there only a call valid against one of the tools
+  (more calls follow only with ``parallel_tool_calls``);
+* ``"required"``: one call or more, each valid against its tool (a single call
+  without ``parallel_tool_calls``, or in Llama's form), as JSON without the markers;
+* a named function: one call to it, the same way;
 * ``"none"``: plain text, the tools still shown to the model.
 
 Budget-aware decoding (constrained/closing.py) finishes these grammars before
 ``max_tokens`` runs out, so a call is never cut short: in ``"auto"``, a call that
 cannot be finished in the tokens left is not begun, and the reply stays text.
 
-:class:`CallParser` reads either form piece by piece. Streamed, it gives OpenAI's
+:class:`CallParser` reads the model's form piece by piece. Streamed, it gives OpenAI's
 deltas (content, then for each call its id and name, then pieces of its arguments);
 on a whole output, the same parser gives the message's ``content`` and
 ``tool_calls``, so the two always agree.
@@ -51,12 +48,17 @@ import jsonschema
 
 from plait.runtime.constrained.spec import close_objects
 from plait.runtime.server.errors import APIError
+from plait.runtime.server.tool_formats import (
+    PREAMBLE_FORMAT,
+    CallFormat,
+    call_format,
+    short_ids,
+    takes_tools,
+)
 from plait.runtime.server.tool_parser import CLOSE, OPEN, CallParser, merged, new_call_id
 
 CHOICES = ("auto", "none", "required")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# The layout of a call inside the tags: what json.dumps (and a template's tojson) writes.
-_TAGGED_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 
 
@@ -75,56 +77,49 @@ class ToolPlan:
     choice: str  # "auto", "none", "required", or "named"
     named: str | None = None
     parallel: bool = True
+    format: CallFormat = PREAMBLE_FORMAT
 
     @property
     def specs(self) -> list[dict[str, Any]]:
         return [t.spec for t in self.tools]
 
     def constraint(self) -> dict[str, Any]:
-        """The sampling constraint (``json_schema`` or ``ebnf``); {} for ``"none"``."""
+        """The sampling constraint (``ebnf`` or ``json_schema``); {} for ``"none"``."""
         if self.choice == "none":
             return {}
         tools = [t for t in self.tools if self.choice != "named" or t.name == self.named]
-        one, defs = calls_schema(tools)
+        one, defs = calls_schema(tools, self.format.syntax.key)
         if self.choice == "auto":
-            return {"ebnf": self._tagged_grammar(_with_defs(one, defs))}
-        if self.choice == "required" and self.parallel:
-            one = {"type": "array", "items": one, "minItems": 1}
-        return {"json_schema": _with_defs(one, defs)}
+            return {"ebnf": self.format.auto_grammar(_with_defs(one, defs), self.parallel)}
+        several = self.choice == "required" and self.parallel
+        return {"json_schema": _with_defs(self.format.calls_schema(one, several), defs)}
 
     def parser(self) -> CallParser | None:
         """A parser for one output of this plan; None when no call can appear."""
-        return None if self.choice == "none" else CallParser(tagged=self.choice == "auto")
-
-    def _tagged_grammar(self, call: dict[str, Any]) -> str:
-        schema = json.dumps({**call, "x-guidance": _TAGGED_LAYOUT})
-        more = f' ("\\n{OPEN}" call)*' if self.parallel else ""
-        return (
-            "%llguidance {}\n"
-            f"start: TEXT | head call{more}\n"
-            f'head[lazy]: TEXT "{OPEN}"\n'
-            f'call: "\\n" %json {schema} "\\n{CLOSE}"\n'
-            "TEXT: /(.|\\n)*/\n"
-        )
+        if self.choice == "none":
+            return None
+        return CallParser(self.format.syntax, calls_only=self.choice != "auto")
 
 
-def calls_schema(tools: list[Tool]) -> tuple[dict[str, Any], dict[str, Any]]:
+def calls_schema(
+    tools: list[Tool], key: str = "arguments"
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The schema of one call to any of ``tools`` -- ``{"name": <a tool's name>,
-    "arguments": <its parameters>}``, nothing else -- and the ``$defs`` it needs at the
+    <key>: <its parameters>}``, nothing else -- and the ``$defs`` it needs at the
     root. A tool whose parameters hold references moves there whole (``tool_<i>``),
     its references re-rooted, so that ``#/...`` still means its own root."""
     calls, defs = [], {}
     for i, tool in enumerate(tools):
         arguments = close_objects(tool.parameters)
         if _mentions_ref(arguments):
-            key = f"tool_{i}"
-            defs[key] = _rebase(arguments, f"#/$defs/{key}")
-            arguments = {"$ref": f"#/$defs/{key}"}
+            name = f"tool_{i}"
+            defs[name] = _rebase(arguments, f"#/$defs/{name}")
+            arguments = {"$ref": f"#/$defs/{name}"}
         calls.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": tool.name}, "arguments": arguments},
-                "required": ["name", "arguments"],
+                "properties": {"name": {"const": tool.name}, key: arguments},
+                "required": ["name", key],
                 "additionalProperties": False,
             }
         )
@@ -160,9 +155,12 @@ def _rebase(node: Any, root: str) -> Any:
 # ---- checking the request -------------------------------------------------------------------
 
 
-def plan_tools(tools: Any, tool_choice: Any, parallel: bool | None) -> ToolPlan | None:
+def plan_tools(
+    tools: Any, tool_choice: Any, parallel: bool | None, engine: Any = None
+) -> ToolPlan | None:
     """The request's tool plan, or None when it has no tools; a 400 naming the field
-    for anything malformed."""
+    for anything malformed. Calls take the form of ``engine``'s model (without one,
+    the ``<tool_call>`` tags)."""
     if tools is not None and not isinstance(tools, list):
         raise APIError(400, "tools: must be a list of tools", param="tools")
     checked = tuple(_check_tool(i, t) for i, t in enumerate(tools or []))
@@ -181,7 +179,8 @@ def plan_tools(tools: Any, tool_choice: Any, parallel: bool | None) -> ToolPlan 
     choice, named = _check_choice(tool_choice, seen)
     if not checked:
         return None
-    return ToolPlan(checked, choice, named, parallel is not False)
+    fmt = call_format(engine) if engine is not None else PREAMBLE_FORMAT
+    return ToolPlan(checked, choice, named, parallel is not False, fmt)
 
 
 def _check_tool(i: int, tool: Any) -> Tool:
@@ -332,32 +331,14 @@ def render(engine: Any, messages: list[dict[str, Any]], plan: ToolPlan | None) -
         return engine.apply_chat_template(messages)
     try:
         if takes_tools(engine):
+            if call_format(engine).syntax.short_ids:
+                messages = short_ids(messages)
             return engine.apply_chat_template(messages, tools=plan.specs if plan else None)
         parts = engine.chat_template.content_parts
         return engine.apply_chat_template(written_in(messages, plan, parts))
     except jinja2.TemplateError as e:
         message = f"messages: the model's chat template refused them: {e}"
         raise APIError(400, message, param="messages") from None
-
-
-_TAKES_TOOLS: dict[tuple[str, bool], bool] = {}
-_PROBE = {"type": "function", "function": {"name": "plait_probe_7f3a", "parameters": {}}}
-
-
-def takes_tools(engine: Any) -> bool:
-    """Whether the model's chat template renders ``tools`` (it shows a probe tool)."""
-    parts = engine.chat_template.content_parts
-    key = (str(engine.tokenizer.chat_template), parts)
-    if key not in _TAKES_TOOLS:
-        content: Any = [{"type": "text", "text": "hi"}] if parts else "hi"
-        try:
-            text = engine.apply_chat_template(
-                [{"role": "user", "content": content}], tools=[_PROBE]
-            )
-            _TAKES_TOOLS[key] = _PROBE["function"]["name"] in text
-        except Exception:  # a template that breaks on tools does not take them
-            _TAKES_TOOLS[key] = False
-    return _TAKES_TOOLS[key]
 
 
 def preamble(plan: ToolPlan) -> str:
@@ -438,6 +419,8 @@ def add_constraint(plan: ToolPlan | None, params: dict[str, Any]) -> None:
             param="tool_choice",
         )
     params.update(constraint)
+    if constraint and plan.format.keeps_special_tokens:  # the parser reads the markers
+        params["skip_special_tokens"] = False
 
 
 def ends_in_calls(parser: CallParser | None) -> bool:

@@ -22,7 +22,7 @@ from tiny_models import make_tiny_model
 
 import plait
 from plait.runtime.server import ServerConfig, create_app
-from plait.runtime.server.tool_parser import CallParser
+from plait.runtime.server.tool_parser import HERMES, MISTRAL, CallParser
 from plait.runtime.server.tools import (
     plan_tools,
     preamble,
@@ -417,6 +417,10 @@ JSON_CALLS = (
     '[{"name":"get_weather","arguments":{"city":"Oslo"}},'
     '{"name":"draw_image","arguments":{"prompt":"]","steps":1}}]'
 )
+MISTRAL_CALLS = (
+    'Sure. [TOOL_CALLS][{"name":"get_weather","arguments":{"city":"Oslo"}},'
+    '{"name":"draw_image","arguments":{"prompt":"]","steps":1}}]'
+)
 READ = {
     "tagged": (
         TAGGED,
@@ -431,6 +435,11 @@ READ = {
         "",
         [("get_weather", '{"city":"Oslo"}'), ("draw_image", '{"prompt":"]","steps":1}')],
     ),
+    "mistral": (
+        MISTRAL_CALLS,
+        "Sure.",
+        [("get_weather", '{"city":"Oslo"}'), ("draw_image", '{"prompt":"]","steps":1}')],
+    ),
     "no-call": ("Hello <tool but not a call\n", "Hello <tool but not a call\n", []),
 }
 
@@ -441,7 +450,7 @@ def test_calls_read_the_same_whatever_the_pieces(case, size):
     """Streamed in pieces of any size, the deltas add up to the same content and calls;
     each call's first delta names it, the rest carry its arguments."""
     text, content, calls = READ[case]
-    parser = CallParser(tagged=case != "json")
+    parser = CallParser(MISTRAL if case == "mistral" else HERMES, calls_only=case == "json")
     deltas = []
     for k in range(0, len(text), size):
         deltas += stream_deltas(parser, text[k : k + size], k + size >= len(text))
@@ -458,7 +467,7 @@ def test_calls_read_the_same_whatever_the_pieces(case, size):
 
 
 def test_a_call_cut_short_is_not_complete():
-    parser = CallParser(tagged=True)
+    parser = CallParser(HERMES)
     parser.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa')
     parser.finish()
     assert [(c.name, c.done) for c in parser.calls] == [("get_weather", False)]
