@@ -25,6 +25,7 @@ pipeline has random weights at SD-Turbo's shapes (``bench/image_chat_model.py``;
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import threading
 import time
@@ -243,6 +244,7 @@ class OverheadRun:
     plait: list[float]
     bare: list[float]
     equal: bool
+    faults: dict[str, list[int]]  # minor page faults of the process per call, by caller
 
     @property
     def percent(self) -> float:
@@ -283,15 +285,17 @@ def overhead(generator: Any, path: str, size: int, reps: int) -> OverheadRun:
         return generator.generate_arrays([request])[0]
 
     bare(99), plait(99)  # warm-up
-    run = OverheadRun([], [], True)
+    run = OverheadRun([], [], True, {"plait": [], "bare": []})
     for seed in range(reps):
         outs = {}
         # alternate who goes first, so a drift in the machine's load hits both alike
-        order = ((plait, run.plait), (bare, run.bare))
-        for fn, times in order if seed % 2 == 0 else order[::-1]:
+        order = ((plait, run.plait, "plait"), (bare, run.bare, "bare"))
+        for fn, times, name in order if seed % 2 == 0 else order[::-1]:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             outs[fn] = fn(seed)
             times.append(time.perf_counter() - t0)
+            run.faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         run.equal &= bool(np.array_equal(outs[plait], outs[bare], equal_nan=True))
     return run
 
@@ -491,6 +495,11 @@ def _report_overhead(run: OverheadRun, reps: int) -> None:
         f"DiffusersGenerator.generate_arrays best {min(run.plait):.3f} s, median "
         f"{statistics.median(run.plait):.3f} s; bare pipeline call best {min(run.bare):.3f} s, "
         f"median {statistics.median(run.bare):.3f} s; outputs equal: {run.equal}"
+    )
+    print(
+        "minor page faults per call (median; the generator's pipeline runs on its worker "
+        f"thread): generator {statistics.median(run.faults['plait']):.0f}, bare "
+        f"{statistics.median(run.faults['bare']):.0f}"
     )
     ok = run.percent <= OVERHEAD_GOAL and run.equal
     print(

@@ -242,6 +242,7 @@ def test_bench_image_chat_runs_end_to_end_on_tiny_models(tmp_path):
         "outputs equal: True",
         out,
     )
+    assert re.search(r"minor page faults per call .*: generator \d+, bare \d+", out)
     overhead = r"overhead: [+-]\d+\.\d% best of each, [+-]\d+\.\d% median \(goal <= 3%\)"
     assert re.search(overhead + " (PASS|MISS)", out)
 
