@@ -59,6 +59,10 @@ WORKLOADS: dict[str, Workload] = {
     "vision": Workload(
         "plait.bench.vision", "images in: multi-turn image chat and repeated images against HF"
     ),
+    "image-chat": Workload(
+        "plait.bench.image_chat",
+        "images out: image prompt after a long chat, diffusion overhead, batching, memory",
+    ),
 }
 
 

@@ -27,6 +27,7 @@ EVERY_WORKLOAD = [
     "kernels",
     "memory",
     "vision",
+    "image-chat",
 ]
 
 
@@ -100,8 +101,12 @@ def test_importing_a_benchmark_imports_neither_torch_nor_the_engine():
             ["vision", "--tiny", "--longest-edge", "128", "--cache-dir", "x"],
             {"tiny": True, "longest_edge": 128, "cache_dir": "x", "skip_hf": False},
         ),
+        (
+            ["image-chat", "--tiny", "--size", "64", "--conversation-tokens", "500"],
+            {"tiny": True, "size": 64, "conversation_tokens": 500, "idle_offload_s": 2.0},
+        ),
     ],
-    ids=["grammar", "prefix", "multi-turn", "engine", "kernels", "vision"],
+    ids=["grammar", "prefix", "multi-turn", "engine", "kernels", "vision", "image-chat"],
 )
 def test_the_command_lines_of_each_workload_parse(argv, expected):
     args = cli.build_parser().parse_args(["bench", *argv])
@@ -190,3 +195,73 @@ def test_bench_vision_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert int(cache[2]) == 1 + 2 + 1 + 4  # warm-up, chat, repeat: each distinct image once
     peak = re.search(r"peak RSS: plait (\d+) MiB \(before HF loads\); whole run (\d+) MiB", out)
     assert 0 < int(peak.group(1)) <= int(peak.group(2))
+
+
+def test_bench_image_chat_runs_end_to_end_on_tiny_models(tmp_path):
+    """``plait bench image-chat --tiny --quick`` on a tiny LLM builds its random pipeline,
+    times the image prompt warm, recomputed and on HF, the generator against the bare
+    pipeline, batched against one-by-one requests, and reads the memory around the
+    idle offload."""
+    from tiny_models import make_tiny_model
+
+    llm = make_tiny_model(tmp_path / "llm", max_position_embeddings=2048)
+    out = subprocess.run(
+        [sys.executable, "-m", "plait", "bench", "image-chat", "--tiny", "--quick"]
+        + ["--threads", "1", "--conversation-tokens", "300", "--max-total-tokens", "4096"]
+        + ["--model", llm, "--pipeline-dir", str(tmp_path / "pipeline")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    assert "a tiny StableDiffusionPipeline (--tiny)" in out
+    assert "32x32 images (8x8x4 latents), 1 step, guidance 0" in out
+    assert "torch threads: 1; device: cpu; dtype: float32" in out
+    number = r"(\d+\.\d+)"
+
+    # The image prompt: the conversation is cached by the previous turn, not after a flush.
+    held = re.search(r"the prompt request holds (\d+) tokens and writes (\d+)", out)
+    prompt_tokens, new_tokens = int(held[1]), int(held[2])
+    assert prompt_tokens >= 300 and 0 < new_tokens <= 128
+    warm = re.search(rf"cache warm \(previous turn\): {number} s, (\d+) cached tokens", out)
+    assert 0 < int(warm[2]) < prompt_tokens
+    cold = re.search(rf"recomputed \(cache flushed\): {number} s, (\d+) cached tokens", out)
+    assert int(cold[2]) == 0
+    assert "same answer: True" in out
+    hf = re.search(rf"HF transformers, recomputed, {new_tokens} tokens greedy: {number} s", out)
+    ratio = re.search(rf"HF / warm: {number}x \(goal >= 5x\) (PASS|MISS)", out)
+    half = 0.0005  # seconds printed to 3 places, the ratio to 2
+    warm_s, hf_s = float(warm[1]), float(hf[1])
+    assert (hf_s - half) / (warm_s + half) - 0.005 <= float(ratio[1])
+    assert float(ratio[1]) <= (hf_s + half) / (warm_s - half) + 0.005
+
+    # The generator's images are the bare pipeline call's.
+    assert re.search(
+        rf"generate_arrays best {number} s, median {number} s; "
+        rf"bare pipeline call best {number} s, median {number} s; "
+        "outputs equal: True",
+        out,
+    )
+    assert re.search(r"minor page faults per call .*: generator \d+, bare \d+", out)
+    overhead = r"overhead: [+-]\d+\.\d% best of each, [+-]\d+\.\d% median \(goal <= 3%\)"
+    assert re.search(overhead + " (PASS|MISS)", out)
+
+    # 8 requests at once: fewer pipeline calls batched, 8 one by one; same images.
+    batched = re.search(
+        r"max_batch_images=8 \(batch_wait_s=0.05\): .* ([\d.]+) pipeline calls", out
+    )
+    assert 1 <= float(batched[1]) < 8
+    assert re.search(r"max_batch_images=1: .* 8 pipeline calls", out)
+    assert re.search(rf"throughput: {number}x \(goal >= 1.3x\) (PASS|MISS)", out)
+    assert float(re.search(r"max \|difference\| (\S+) \(same seeds\)", out)[1]) < 1e-4
+
+    memory = re.search(
+        r"LLM loaded (\d+); LLM \+ generator after 8 images (\d+) \(peak so far (\d+)\); "
+        r"after the generator's idle offload (\d+)",
+        out,
+    )
+    llm_mib, both, peak, offloaded = map(int, memory.groups())
+    assert 0 < llm_mib <= both <= peak and offloaded > 0
+    assert re.search(
+        r"idle offload \(idle_offload_s=2\): 1 offload\(s\), after \d+\.\d s idle", out
+    )
