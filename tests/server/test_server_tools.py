@@ -19,6 +19,7 @@ import transformers
 from common import GREEDY, MODEL, assert_kv_all_free
 from fastapi.testclient import TestClient
 from tiny_models import make_tiny_model
+from tool_cases import ASK, DRAW, SCHEMAS, TOOLS, WEATHER
 
 import plait
 from plait.runtime.server import ServerConfig, create_app
@@ -30,40 +31,6 @@ from plait.runtime.server.tools import (
     stream_deltas,
     written_in,
 )
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city"],
-        },
-    },
-}
-DRAW = {
-    "type": "function",
-    "function": {
-        "name": "draw_image",
-        "description": "Draw a picture.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "prompt": {"type": "string", "maxLength": 12},
-                "steps": {"type": "integer", "minimum": 1, "maximum": 50},
-            },
-            "required": ["prompt", "steps"],
-        },
-    },
-}
-TOOLS = [WEATHER, DRAW]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 # A Hermes-style template (the layout Qwen2.5's uses): the tools in the system turn,
 # calls inside <tool_call> tags, results as a user turn inside <tool_response> tags.

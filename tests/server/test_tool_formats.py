@@ -26,6 +26,7 @@ import transformers
 from common import GREEDY, MODEL
 from fastapi.testclient import TestClient
 from tiny_models import CHAT_TEMPLATE, make_tiny_model, make_tokenizer
+from tool_cases import ASK, SCHEMAS, TOOLS
 
 import plait
 from plait.runtime.constrained.llguidance_backend import LlguidanceBackend
@@ -247,39 +248,6 @@ MISTRAL_TOKENS = [
     "[/TOOL_RESULTS]",
 ]
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city"],
-        },
-    },
-}
-DRAW = {
-    "type": "function",
-    "function": {
-        "name": "draw_image",
-        "description": "Draw a picture.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "prompt": {"type": "string", "maxLength": 12},
-                "steps": {"type": "integer", "minimum": 1, "maximum": 50},
-            },
-            "required": ["prompt", "steps"],
-        },
-    },
-}
-TOOLS = [WEATHER, DRAW]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "draw_image"}}
 # Llama's template shows the tools in some 1300 tokens of the tiny tokenizer: a longer context.
 CONTEXT = 4096
