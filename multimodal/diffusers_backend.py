@@ -361,7 +361,7 @@ class DiffusersGenerator:
         if not text or limit is None or limit > 100_000:
             return
         with self._tokenizer_lock:
-            count = len(self._tokenizer(text).input_ids)
+            count = len(self._tokenizer(text, verbose=False).input_ids)  # the warning is ours
         if count > limit:
             logger.warning(
                 "%s has %d tokens; the text encoder reads %d, the rest is dropped: %r",
