@@ -108,15 +108,16 @@ def pipeline_dir(cache_dir: pathlib.Path, tiny: bool) -> str:
     return str(path)
 
 
-def clip_tokenizer() -> Any:
-    """A CLIP tokenizer over the 256 byte symbols, each alone or ending a word."""
+def clip_tokenizer(max_length: int = 77) -> Any:
+    """A CLIP tokenizer over the 256 byte symbols, each alone or ending a word (no
+    merges: one token per character)."""
     import transformers
     from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     symbols = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
     return transformers.CLIPTokenizer(
-        vocab={s: i for i, s in enumerate(symbols)}, merges=[], model_max_length=77
+        vocab={s: i for i, s in enumerate(symbols)}, merges=[], model_max_length=max_length
     )
 
 

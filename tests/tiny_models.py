@@ -408,11 +408,44 @@ def make_tiny_qwen2_vl(path: str | os.PathLike, version: str = "2", *, seed: int
 
 def make_clip_tokenizer(max_length: int = 77) -> transformers.CLIPTokenizer:
     """A CLIP tokenizer whose vocabulary is the 256 byte symbols, each alone or ending a word
-    (no merges): one token per character, so a prompt's token count is easy to reason about."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    symbols = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
-    return transformers.CLIPTokenizer(
-        vocab={s: i for i, s in enumerate(symbols)}, merges=[], model_max_length=max_length
+    (no merges): one token per character, so a prompt's token count is easy to reason about.
+    The bench's own (plait.bench.image_chat_model)."""
+    from plait.bench.image_chat_model import clip_tokenizer
+
+    return clip_tokenizer(max_length)
+
+
+def _tiny_vae(**extra):
+    """The tiny KL VAE of both pipelines: 3 blocks, latents 4x smaller than the image."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        **extra,
+    )
+
+
+def _tiny_clip_text_config(tokenizer, **extra) -> transformers.CLIPTextConfig:
+    """The tiny CLIP text encoder of both pipelines (2 layers, width 32)."""
+    return transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
 
 
@@ -422,7 +455,6 @@ def make_tiny_sd(path: str | os.PathLike, seed: int = 0) -> str:
     the byte-symbol CLIP tokenizer, PNDM scheduler. Its default image is 32x32 and a 4-step
     image takes milliseconds on a CPU."""
     from diffusers import (
-        AutoencoderKL,
         PNDMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
@@ -442,29 +474,8 @@ def make_tiny_sd(path: str | os.PathLike, seed: int = 0) -> str:
         cross_attention_dim=32,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-    )
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = transformers.CLIPTextModel(text_config)
+    vae = _tiny_vae()
+    text_encoder = transformers.CLIPTextModel(_tiny_clip_text_config(tokenizer))
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -492,7 +503,6 @@ def make_tiny_sd3(path: str | os.PathLike, seed: int = 0) -> str:
     projections and a 1-layer T5 encoder with a letter tokenizer. Its default image is
     32x32; sizes must be multiples of 8 (VAE 4 x patch 2)."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -508,18 +518,7 @@ def make_tiny_sd3(path: str | os.PathLike, seed: int = 0) -> str:
     torch.manual_seed(seed)
 
     def clip_encoder():
-        config = transformers.CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=clip_tokenizer.bos_token_id,
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        )
+        config = _tiny_clip_text_config(clip_tokenizer, projection_dim=32)
         return transformers.CLIPTextModelWithProjection(config).eval()
 
     transformer = SD3Transformer2DModel(
@@ -534,19 +533,7 @@ def make_tiny_sd3(path: str | os.PathLike, seed: int = 0) -> str:
         joint_attention_dim=64,  # T5's width; the two CLIPs' 32 + 32 are padded to it
         pooled_projection_dim=64,  # the two CLIP projections, 32 + 32
     )
-    vae = AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
     t5_config = transformers.T5Config(
         vocab_size=len(t5_tokenizer),
         d_model=64,
